@@ -1,0 +1,33 @@
+"""CoAtNet models: ``get_model(name, num_classes)`` and the tools that act on their variables."""
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from coatnet_jax.models.blocks import Options, TIMM_OPTIONS
+from coatnet_jax.models.coatnet import CoAtNet, drop_path_rates
+from coatnet_jax.models.resize import resize_variables
+from coatnet_jax.models.variants import PAPER_GMACS, PAPER_PARAMS, VARIANTS, Variant
+
+__all__ = ['CoAtNet', 'Options', 'TIMM_OPTIONS', 'Variant', 'VARIANTS', 'PAPER_PARAMS',
+           'PAPER_GMACS', 'get_model', 'resize_variables', 'drop_path_rates']
+
+
+def get_model(name: str, num_classes: int, *, dtype: Any = jnp.float32,
+              drop_path_rate: float = 0.0, options: Options = Options(),
+              **switches) -> CoAtNet:
+  """Builds a CoAtNet by variant name; ``switches`` override fields of ``options``.
+
+  Example: ``get_model('coatnet_0', 1000, dtype=jnp.bfloat16, drop_path_rate=0.2, pool='avg')``.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(VARIANTS)}.')
+  valid = {f.name for f in dataclasses.fields(Options)}
+  unknown = sorted(set(switches) - valid)
+  if unknown:
+    raise ValueError(f'Unknown model switch(es) {unknown}; valid switches: {sorted(valid)}.')
+  if not 0.0 <= drop_path_rate < 1.0:
+    raise ValueError(f'drop_path_rate={drop_path_rate} must be in [0, 1).')
+  return CoAtNet(VARIANTS[name], num_classes, dataclasses.replace(options, **switches),
+                 drop_path_rate, dtype)

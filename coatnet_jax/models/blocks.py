@@ -1,0 +1,218 @@
+"""CoAtNet building blocks in Flax Linen, NHWC: MBConv, transformer block, 2-D relative attention.
+
+Everything follows the paper's pre-norm form ``x <- Proj(Pool(x)) + Module(Pool?(Norm(x)))``
+(paper Sec. 2, eq. 4-5). The switches that separate the paper's form from timm's live in ``Options``
+so that one code path serves both and the timm parity test exercises the real model.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# The paper's code base (google-research/maxvit, which CoAtNet grew from) initialises every kernel,
+# and the relative-bias tables, from N(0, 0.02).
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Architecture switches. Defaults are the paper's form (and its TF code's); see TIMM_OPTIONS."""
+
+  mbconv_stride: str = '1x1'  # '1x1': stride in the first 1x1 conv (paper eq. 5); 'depthwise'.
+  pool: str = 'max'  # 2x2 stride-2 pooling for down-sampling: 'max' (paper) or 'avg'.
+  head_pre_logits: bool = True  # pool -> LN -> Dense(width) -> tanh -> Dense(classes).
+  gelu_approximate: bool = True  # The TF code uses the tanh form; timm the exact (erf) one.
+  bn_epsilon: float = 1e-3
+  bn_momentum: float = 0.99
+  ln_epsilon: float = 1e-5
+  padding: str = 'same'  # 'same': TF/XLA SAME, (0, 1) on stride 2; 'symmetric': (1, 1) like PyTorch.
+  stem_bias: bool = True
+
+  def __post_init__(self):
+    choices = {'mbconv_stride': ('1x1', 'depthwise'), 'pool': ('max', 'avg'),
+               'padding': ('same', 'symmetric')}
+    for field, valid in choices.items():
+      if getattr(self, field) not in valid:
+        raise ValueError(f'{field}={getattr(self, field)!r} is not one of {valid}.')
+
+
+# timm's paper-config models (`coatnet_N_224` in timm/models/maxxvit.py) differ in these switches.
+TIMM_OPTIONS = Options(
+    mbconv_stride='depthwise', pool='avg', gelu_approximate=False, bn_epsilon=1e-5,
+    bn_momentum=0.9, ln_epsilon=1e-6, padding='symmetric', stem_bias=False)
+
+
+def conv(features, kernel, options, stride=1, groups=1, use_bias=False, dtype=None, name=None):
+  """A square convolution with the padding convention that ``options`` names."""
+  if options.padding == 'same':
+    padding = 'SAME'
+  else:
+    pad = (kernel - 1) // 2
+    padding = ((pad, pad), (pad, pad))
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                 feature_group_count=groups, use_bias=use_bias, dtype=dtype,
+                 kernel_init=default_init, name=name)
+
+
+def pool2x2(x, kind):
+  """The paper's down-sampling pool: window 2, stride 2 (ceil for odd sizes, as TF 'SAME')."""
+  if kind == 'max':
+    return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
+
+
+def gelu(x, options):
+  return nn.gelu(x, approximate=options.gelu_approximate)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a whole residual branch per example while training."""
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if not train or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class SqueezeExcite(nn.Module):
+  """SE with a SiLU bottleneck of ``reduced`` channels; gates the tensor it pooled."""
+
+  reduced: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    s = jnp.mean(x, axis=(1, 2), keepdims=True)
+    s = nn.Dense(self.reduced, dtype=self.dtype, kernel_init=default_init, name='reduce')(s)
+    s = nn.silu(s)
+    s = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=default_init, name='expand')(s)
+    return x * nn.sigmoid(s)
+
+
+class MBConvBlock(nn.Module):
+  """Pre-norm MBConv: BN -> 1x1 expand (x4 of out) -> BN GELU -> dw 3x3 -> BN GELU -> SE -> 1x1."""
+
+  features: int
+  stride: int
+  drop_path: float
+  options: Options
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    o = self.options
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=o.bn_momentum,
+                             epsilon=o.bn_epsilon, dtype=self.dtype)
+    shortcut = pool2x2(x, o.pool) if self.stride > 1 else x
+    if shortcut.shape[-1] != self.features:
+      shortcut = conv(self.features, 1, o, use_bias=True, dtype=self.dtype,
+                      name='shortcut_proj')(shortcut)
+
+    mid = self.features * 4
+    stride_1x1 = self.stride if o.mbconv_stride == '1x1' else 1
+    stride_dw = self.stride if o.mbconv_stride == 'depthwise' else 1
+    y = norm(name='pre_norm')(x)
+    y = conv(mid, 1, o, stride=stride_1x1, dtype=self.dtype, name='expand_conv')(y)
+    y = gelu(norm(name='expand_norm')(y), o)
+    y = conv(mid, 3, o, stride=stride_dw, groups=mid, dtype=self.dtype, name='depthwise_conv')(y)
+    y = gelu(norm(name='depthwise_norm')(y), o)
+    y = SqueezeExcite(int(self.features * 0.25), self.dtype, name='se')(y)
+    y = conv(self.features, 1, o, use_bias=True, dtype=self.dtype, name='project_conv')(y)
+    return shortcut + DropPath(self.drop_path)(y, train)
+
+
+def relative_index(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Row and column indices into a (2H-1, 2W-1) table for every (query, key) pair, row-major.
+
+  Query (i, j) and key (i', j') read entry (i - i' + H - 1, j - j' + W - 1).
+  """
+  i, j = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
+  i, j = i.reshape(-1), j.reshape(-1)
+  return i[:, None] - i[None, :] + height - 1, j[:, None] - j[None, :] + width - 1
+
+
+class RelativeAttention(nn.Module):
+  """Multi-head self-attention with a trainable (2H-1)x(2W-1) pre-softmax bias table per head.
+
+  The table is sized from the feature map it sees (never from a constructor image size); logits,
+  bias and softmax are float32 whatever the compute dtype.
+  """
+
+  features: int
+  head_size: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x):
+    batch, height, width, _ = x.shape
+    heads = self.features // self.head_size
+    table_shape = (heads, 2 * height - 1, 2 * width - 1)
+    if self.has_variable('params', 'relative_bias'):
+      have = self.get_variable('params', 'relative_bias').shape
+      if tuple(have) != table_shape:
+        raise ValueError(
+            f'{"/".join(self.scope.path)}: relative-bias table {tuple(have)} was made for a '
+            f'{(have[1] + 1) // 2}x{(have[2] + 1) // 2} feature map but this input gives '
+            f'{height}x{width}; resize the variables first with '
+            'coatnet_jax.models.resize_variables(model, variables, image_size).')
+    table = self.param('relative_bias', default_init, table_shape, jnp.float32)
+
+    tokens = x.reshape(batch, height * width, x.shape[-1])
+    qkv = nn.DenseGeneral((3, heads, self.head_size), dtype=self.dtype, kernel_init=default_init,
+                          name='qkv')(tokens)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * jnp.asarray(self.head_size ** -0.5, q.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    rows, cols = relative_index(height, width)
+    logits = logits + table[:, rows, cols][None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    out = nn.DenseGeneral(self.features, axis=(-2, -1), dtype=self.dtype,
+                          kernel_init=default_init, name='out')(out)
+    return out.reshape(batch, height, width, self.features)
+
+
+class TransformerBlock(nn.Module):
+  """Pre-norm transformer block: ``x + Attn(LN(x))`` then ``x + FFN(LN(x))``.
+
+  With stride 2 both branches are pooled (paper eq. 4): ``Proj(Pool(x)) + Attn(Pool(LN(x)))``.
+  A width change without stride (CoAtNet-6/7 inside S3) projects the shortcut only.
+  """
+
+  features: int
+  stride: int
+  head_size: int
+  drop_path: float
+  options: Options
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    o = self.options
+    norm = functools.partial(nn.LayerNorm, epsilon=o.ln_epsilon, dtype=self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=default_init)
+    shortcut = pool2x2(x, o.pool) if self.stride > 1 else x
+    if shortcut.shape[-1] != self.features:
+      shortcut = dense(self.features, name='shortcut_proj')(shortcut)
+    y = norm(name='attn_norm')(x)
+    if self.stride > 1:
+      y = pool2x2(y, o.pool)
+    y = RelativeAttention(self.features, self.head_size, self.dtype, name='attention')(y)
+    x = shortcut + DropPath(self.drop_path)(y, train)
+
+    y = norm(name='ffn_norm')(x)
+    y = gelu(dense(self.features * 4, name='ffn_in')(y), o)
+    y = dense(self.features, name='ffn_out')(y)
+    return x + DropPath(self.drop_path)(y, train)

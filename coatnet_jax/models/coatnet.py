@@ -1,0 +1,70 @@
+"""The CoAtNet network: conv stem (S0), MBConv stages, relative-attention stages, pooled head."""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from coatnet_jax.models import blocks
+from coatnet_jax.models.variants import Variant
+
+
+def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
+  """Stochastic-depth rate per block of S1..S4, rising linearly from 0 to ``rate`` (as timm)."""
+  return [float(r) for r in np.linspace(0.0, rate, num_blocks)]
+
+
+class CoAtNet(nn.Module):
+  """CoAtNet on NHWC images; returns float32 logits.
+
+  Attributes:
+    variant: the layout (see ``variants.VARIANTS``).
+    num_classes: classifier width.
+    options: architecture switches; defaults are the paper's form.
+    drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
+    dtype: compute dtype (float32 or bfloat16); parameters are always float32.
+  """
+
+  variant: Variant
+  num_classes: int
+  options: blocks.Options = blocks.Options()
+  drop_path_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    """Forward pass; per-stage outputs are sown into the 'intermediates' collection."""
+    o, v = self.options, self.variant
+    norm = nn.BatchNorm(use_running_average=not train, momentum=o.bn_momentum,
+                        epsilon=o.bn_epsilon, dtype=self.dtype, name='stem_norm')
+    x = jnp.asarray(images, self.dtype)
+    x = blocks.conv(v.stem_width, 3, o, stride=2, use_bias=o.stem_bias, dtype=self.dtype,
+                    name='stem_conv1')(x)
+    x = blocks.gelu(norm(x), o)
+    x = blocks.conv(v.stem_width, 3, o, use_bias=o.stem_bias, dtype=self.dtype,
+                    name='stem_conv2')(x)
+    self.sow('intermediates', 'stage0', x)
+
+    rates = iter(drop_path_rates(self.drop_path_rate, v.num_blocks))
+    for s, stage in enumerate(v.stages, start=1):
+      b = 0
+      for kind, width, depth in stage:
+        for _ in range(depth):
+          common = dict(features=width, stride=2 if b == 0 else 1, drop_path=next(rates),
+                        options=o, dtype=self.dtype, name=f'stage{s}_block{b}')
+          if kind == 'C':
+            x = blocks.MBConvBlock(**common)(x, train)
+          else:
+            x = blocks.TransformerBlock(head_size=v.head_size, **common)(x, train)
+          b += 1
+      self.sow('intermediates', f'stage{s}', x)
+
+    # Head in float32: it is cheap and the logits feed the loss.
+    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    x = nn.LayerNorm(epsilon=o.ln_epsilon, name='head_norm')(x)
+    if o.head_pre_logits:
+      x = nn.Dense(v.head_hidden or v.final_width, kernel_init=blocks.default_init,
+                   name='pre_logits')(x)
+      x = jnp.tanh(x)
+    return nn.Dense(self.num_classes, kernel_init=blocks.default_init, name='classifier')(x)
