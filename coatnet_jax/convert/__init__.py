@@ -1,0 +1,5 @@
+"""Weight conversion from other implementations into this project's variables."""
+
+from coatnet_jax.convert.timm import from_timm, TIMM_MODELS
+
+__all__ = ['from_timm', 'TIMM_MODELS']
