@@ -1,0 +1,369 @@
+"""The trainer: one linear loop, read top to bottom.
+
+mesh -> data -> model and optimizer -> abstract init -> shardings -> jit init -> restore -> compile
+-> loop (step, progress line, eval, checkpoints, metrics) -> final eval and save.
+
+Every config runs through this same code; the quickstart differs from the ImageNet recipes only in
+its data source and sizes. Steps are ``jax.jit`` with explicit in/out shardings over one
+('data', 'fsdp') mesh and a donated state; BatchNorm statistics are those of the global batch,
+because the step is written for the global batch and GSPMD does the reductions.
+"""
+
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from coatnet_jax import checkpointing
+from coatnet_jax import input_pipeline
+from coatnet_jax import losses
+from coatnet_jax import metrics as metrics_lib
+from coatnet_jax import optim
+from coatnet_jax import sharding
+from coatnet_jax import models
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any  # None when EMA is off.
+  rng: jax.Array  # Raw key data (uint32), so Orbax saves it like any array.
+
+
+def _dtype(name: str):
+  return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
+
+
+def build_model(config, num_classes: int):
+  m = config.model
+  return models.get_model(m.name, num_classes, dtype=_dtype(m.get('dtype', 'float32')),
+                          drop_path_rate=m.get('drop_path_rate', 0.0),
+                          **dict(m.get('switches', {})))
+
+
+def total_steps(config, train_size: int) -> int:
+  if config.get('total_steps'):
+    return config.total_steps
+  return int(config.num_epochs * train_size // config.batch_size)
+
+
+def build_optimizer(config, train_size: int):
+  """The schedule and optax transformation a config asks for (also used by config checks)."""
+  steps_per_epoch = max(train_size // config.batch_size, 1)
+  schedule = optim.make_schedule(config.optim, total_steps(config, train_size), steps_per_epoch)
+  return schedule, optim.make_optimizer(config.optim, schedule)
+
+
+def make_init_fn(config, model, tx):
+  """A function of no arguments building the full train state; jitted with out_shardings."""
+  size = config.data.image_size
+
+  def init():
+    params_key, dropout_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
+    dummy = jnp.zeros((1, size, size, 3), _dtype(config.model.get('dtype', 'float32')))
+    variables = model.init({'params': params_key, 'dropout': dropout_key}, dummy, train=False)
+    params = variables['params']
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+        ema_params=params if config.ema.get('decay') else None,
+        rng=jax.random.key_data(train_key))
+
+  return init
+
+
+def make_train_step(config, model, tx, schedule, num_classes: int, mesh):
+  """(state, batch) -> (state, metrics). A non-finite loss leaves the state untouched."""
+  lc, accum = config.loss, config.get('accum_steps', 1)
+  compute_dtype = _dtype(config.model.get('dtype', 'float32'))
+
+  def loss_fn(params, batch_stats, images, targets, key):
+    logits, new_vars = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                   train=True, mutable=['batch_stats'], rngs={'dropout': key})
+    loss = losses.per_example_loss(logits, targets, lc.kind).mean()
+    return loss, new_vars['batch_stats']
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    mix_key, drop_key = jax.random.split(key)
+    images = input_pipeline.normalize(batch['image'], compute_dtype)
+    targets = losses.smooth_targets(batch['label'], num_classes, lc.get('label_smoothing', 0.0))
+    images, targets = losses.mix(mix_key, images, targets, lc.get('mixup_alpha', 0.0),
+                                 lc.get('cutmix_alpha', 0.0), lc.get('switch_prob', 0.5))
+    if accum == 1:
+      (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, images, targets,
+                                           drop_key)
+    else:
+      # Micro-batch i takes rows i, i + accum, ...: every device contributes to every micro-batch.
+      def split(x):
+        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.AXES)))
+
+      def body(carry, xs):
+        grads_sum, loss_sum, batch_stats = carry
+        (l, batch_stats), g = grad_fn(state.params, batch_stats, xs[0], xs[1],
+                                      jax.random.fold_in(drop_key, xs[2]))
+        return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + l, batch_stats), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, loss, batch_stats), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
+          (split(images), split(targets), jnp.arange(accum)))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      loss = loss / accum
+
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = state.ema_params
+    if ema_params is not None:
+      decay = optim.ema_decay(state.step, config.ema.decay, config.ema.get('warmup', True))
+      ema_params = optim.ema_update(ema_params, params, decay)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, ema_params=ema_params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step)}
+
+  return train_step
+
+
+def make_eval_step(config, model, num_classes: int):
+  """(params, batch_stats, batch) -> sums over the real (mask=1) examples of the batch."""
+  kind = config.loss.kind
+  compute_dtype = _dtype(config.model.get('dtype', 'float32'))
+
+  def eval_step(params, batch_stats, batch):
+    logits = model.apply({'params': params, 'batch_stats': batch_stats},
+                         input_pipeline.normalize(batch['image'], compute_dtype), train=False)
+    mask, labels = batch['mask'], batch['label']
+    top1 = jnp.argmax(logits, axis=-1)
+    if labels.ndim == 1:
+      correct1 = top1 == labels
+      top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+      correct5 = jnp.any(top5 == labels[:, None], axis=-1)
+    else:  # Multi-hot: precision@1 is whether the top class is one of the labels.
+      correct1 = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
+      correct5 = correct1
+    loss = losses.per_example_loss(logits, losses.smooth_targets(labels, num_classes, 0.0), kind)
+    return {'correct1': jnp.sum(correct1 * mask), 'correct5': jnp.sum(correct5 * mask),
+            'loss': jnp.sum(jnp.where(mask > 0, loss, 0.0)), 'count': jnp.sum(mask)}
+
+  return eval_step
+
+
+def evaluate(eval_fn, params, batch_stats, batches, mesh, kind: str) -> dict:
+  """Runs ``eval_fn`` over every batch; exact counts because padding carries mask 0."""
+  totals = None
+  for local in batches:
+    out = eval_fn(params, batch_stats, sharding.global_batch(local, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  count = int(totals['count'])
+  result = {'count': count, 'loss': float(totals['loss']) / max(count, 1)}
+  if kind == 'softmax':
+    result['top1'] = int(totals['correct1']) / max(count, 1)
+    result['top5'] = int(totals['correct5']) / max(count, 1)
+  else:
+    result['prec@1'] = int(totals['correct1']) / max(count, 1)
+  return result
+
+
+def _model_macs(model, image_size) -> Optional[int]:
+  """Counted MACs per image, or None while ``coatnet_jax.cost`` is unavailable."""
+  try:
+    from coatnet_jax import cost  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning('coatnet_jax.cost is not available; MFU is not reported.')
+    return None
+  try:
+    return int(cost.model_macs(model, image_size, batch=1))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Counting model MACs failed (%s); MFU is not reported.', e)
+    return None
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+def _check_finite(pending):
+  """Raises at the first step whose loss is NaN or Inf; ``pending`` is [(step, loss array)]."""
+  values = jax.device_get([l for _, l in pending])
+  for (step, _), value in zip(pending, values):
+    if not np.isfinite(value):
+      raise NonFiniteLossError(
+          f'Loss is {value} at step {step}; stopping. The train state was not updated by that '
+          f'step and nothing non-finite was saved. Lower the learning rate, check the data, or '
+          f'resume from the last checkpoint.')
+  return [float(v) for v in values]
+
+
+def write_config(config, workdir):
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates as ``config`` says; returns the final eval metrics."""
+  write_config(config, workdir)
+  pi, pc = jax.process_index(), jax.process_count()
+
+  # Mesh: one ('data', 'fsdp') mesh over every device of every process.
+  mesh = sharding.make_mesh(config.mesh)
+  num_devices = mesh.devices.size
+  logging.info('Mesh %s over %d %s devices, %d processes.', dict(mesh.shape), num_devices,
+               jax.devices()[0].device_kind, pc)
+  eval_batch = config.get('eval_batch_size') or config.batch_size
+  for name, b in (('batch_size', config.batch_size), ('eval_batch_size', eval_batch)):
+    if b % num_devices:
+      raise ValueError(f'{name}={b} is not divisible by {num_devices} devices.')
+
+  # Data.
+  info = input_pipeline.get_info(config.data)
+  num_classes = config.get('num_classes') or info.num_classes
+  steps = total_steps(config, info.train_size)
+  logging.info('%s: %d train / %d eval examples, %d classes; %d steps of batch %d.',
+               config.data.name, info.train_size, info.eval_size, num_classes, steps,
+               config.batch_size)
+
+  # Model and optimizer.
+  model = build_model(config, num_classes)
+  schedule, tx = build_optimizer(config, info.train_size)
+
+  # Abstract init -> shardings -> init born sharded.
+  init_fn = make_init_fn(config, model, tx)
+  abstract_state = jax.eval_shape(init_fn)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding)
+  sharding.log_shardings(abstract_state.params, state_shardings.params)
+  num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
+  logging.info('Model %s: %.2fM parameters.', config.model.name, num_params / 1e6)
+
+  t0 = time.perf_counter()
+  manager = checkpointing.make_manager(workdir, config.get('keep_checkpoints', 3))
+  state = checkpointing.restore_latest(manager, abstract_state, state_shardings)
+  if state is None:
+    state = jax.jit(init_fn, out_shardings=state_shardings)()
+  start_step = int(jax.device_get(state.step))
+  logging.info('Train state ready at step %d in %.1f s (%s).', start_step,
+               time.perf_counter() - t0, 'restored' if start_step else 'initialised')
+
+  # Steps: compiled ahead of time so the compile time is reported once and apart from step time.
+  batch_sharding = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  train_step = jax.jit(make_train_step(config, model, tx, schedule, num_classes, mesh),
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(config, model, num_classes),
+                      in_shardings=(state_shardings.params, state_shardings.batch_stats,
+                                    batch_sharding), out_shardings=rep)
+  size = config.data.image_size
+
+  def abstract_batch(batch, with_mask):
+    b = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding),
+         'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)}
+    if with_mask:
+      b['mask'] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
+    return b
+
+  t0 = time.perf_counter()
+  train_step = train_step.lower(state, abstract_batch(config.batch_size, False)).compile()
+  eval_step = eval_step.lower(state.params, state.batch_stats,
+                              abstract_batch(eval_batch, True)).compile()
+  compile_s = time.perf_counter() - t0
+  logging.info('Compiled the train and eval steps in %.1f s.', compile_s)
+
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
+  writer.write(start_step, {'compile_s': compile_s})
+  device_kind = jax.devices()[0].device_kind
+  throughput = metrics_lib.Throughput(
+      config.batch_size, num_devices, steps,
+      metrics_lib.train_flops_per_image(_model_macs(model, size)),
+      metrics_lib.peak_flops(device_kind))
+
+  def run_eval(step):
+    results = {}
+    weights = [('', state.params)]
+    if state.ema_params is not None:
+      weights.append(('ema_', state.ema_params))
+    for prefix, params in weights:
+      batches = input_pipeline.eval_iterator(config.data, eval_batch, process_index=pi,
+                                             process_count=pc)
+      r = evaluate(eval_step, params, state.batch_stats, batches, mesh, config.loss.kind)
+      results.update({f'eval/{prefix}{k}': v for k, v in r.items()})
+    if results['eval/count'] != info.eval_size:
+      raise RuntimeError(f'Evaluated {results["eval/count"]} examples; the split has '
+                         f'{info.eval_size}.')
+    logging.info('Eval at step %d: %s', step,
+                 ', '.join(f'{k[5:]} {v:.4f}' if isinstance(v, float) else f'{k[5:]} {v}'
+                           for k, v in results.items()))
+    writer.write(step, results)
+    return results
+
+  def save(step, pending):
+    _check_finite(pending)
+    t = time.perf_counter()
+    checkpointing.save(manager, step, state)
+    return time.perf_counter() - t
+
+  # The loop.
+  train_iter = input_pipeline.train_iterator(config.data, config.batch_size, seed=config.seed,
+                                             process_index=pi, process_count=pc,
+                                             start_step=start_step)
+  log_every = config.get('log_every_steps', 100)
+  profile_steps, profile_start = config.get('profile_steps', 0), start_step + 3
+  pending = []  # (step, loss) since the last check: losses stay on device until a report.
+  throughput.start(start_step)
+  logging.info('Training from step %d to %d.', start_step, steps)
+  for step in range(start_step + 1, steps + 1):
+    if profile_steps and step == profile_start and pi == 0:
+      jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+    state, m = train_step(state, sharding.global_batch(next(train_iter), mesh))
+    pending.append((step, m['loss']))
+    if profile_steps and step == profile_start + profile_steps and pi == 0:
+      jax.block_until_ready(m['loss'])
+      jax.profiler.stop_trace()
+      logging.info('Wrote a profiler trace of %d steps to %s/profile.', profile_steps, workdir)
+
+    if step % log_every == 0 or step == steps:
+      window = _check_finite(pending)
+      pending = []
+      m = jax.device_get(m)
+      report = {'loss': float(np.mean(window)), 'lr': float(m['lr']),
+                'grad_norm': float(m['grad_norm'])}
+      report.update(throughput.report(step))
+      logging.info('%s', metrics_lib.progress_line(step, steps, report))
+      writer.write(step, {f'train/{k}': v for k, v in report.items()})
+
+    t = time.perf_counter()
+    excluded = 0.0
+    if config.get('eval_every_steps') and step % config.eval_every_steps == 0 and step != steps:
+      run_eval(step)
+      excluded = time.perf_counter() - t
+    if config.get('checkpoint_every_steps') and step % config.checkpoint_every_steps == 0:
+      excluded += save(step, pending)
+    throughput.exclude(excluded)
+
+  results = run_eval(steps)
+  if manager.latest_step() != steps:
+    save(steps, pending)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  return results
+

@@ -1,0 +1,102 @@
+"""Defaults every config starts from, and the ``:ARGS`` parser; the recipes override fields.
+
+Every number a run can change is here or in the recipe files, never in the trainer.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """'variant=coatnet_1,runlocal' -> ConfigDict(variant='coatnet_1', runlocal=True, ...)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; valid: {sorted(defaults)}.')
+    kind = type(defaults[key])
+    out[key] = (value or True) if kind is bool and not value else kind(value)
+  return out
+
+
+def get_base_config():
+  """The fields the trainer reads, with neutral defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: the dataset's.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'coatnet_0'
+  c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
+  c.model.drop_path_rate = 0.0
+  c.model.switches = ml_collections.ConfigDict()  # models.Options fields, e.g. pool='avg'.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'imagenet2012'  # A TFDS name, or 'digits' (sklearn's, in memory, no TF).
+  c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.image_size = 224
+  c.data.crop_fraction = 0.875  # Eval: resize, then centre crop of this fraction.
+  c.data.shuffle_buffer = 50_000
+  c.data.max_shift = 0  # Digits only: random translation in pixels.
+  c.data.randaugment = ml_collections.ConfigDict({'num_layers': 0, 'magnitude': 0})
+
+  c.batch_size = 4096  # Global, over all devices and processes.
+  c.accum_steps = 1  # Micro-batches per step (gradient accumulation).
+  c.eval_batch_size = 1024
+  c.num_epochs = 300.0
+  c.total_steps = 0  # > 0 overrides num_epochs.
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.min_lr = 1e-5
+  c.optim.schedule = 'cosine'  # cosine | linear | constant (after the warm-up).
+  c.optim.warmup_steps = 10_000
+  c.optim.warmup_epochs = 0.0  # > 0 overrides warmup_steps.
+  c.optim.weight_decay = 0.05
+  c.optim.clip_norm = 1.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  # Regexes on parameter paths that take no weight decay: norms, biases, relative-bias tables.
+  c.optim.no_decay = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$')
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.kind = 'softmax'  # softmax | sigmoid
+  c.loss.label_smoothing = 0.1
+  c.loss.mixup_alpha = 0.0
+  c.loss.cutmix_alpha = 0.0
+  c.loss.switch_prob = 0.5
+
+  c.ema = ml_collections.ConfigDict({'decay': 0.0, 'warmup': True})  # decay 0: no EMA.
+
+  c.mesh = ml_collections.ConfigDict({'data': 1, 'fsdp': -1})  # -1: all remaining devices.
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.min_size = 2**18  # Smaller arrays are replicated.
+  c.sharding.rules = ()  # ((regex, spec), ...), e.g. (('relative_bias', ()),) to replicate.
+
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 5000
+  c.keep_checkpoints = 3
+  c.profile_steps = 0  # > 0: trace this many steps after warm-up into workdir/profile.
+  c.tensorboard = True
+  c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache.
+  return c
+
+
+def runlocal(c):
+  """Shrinks a recipe to a few CPU-sized steps that still read the real dataset."""
+  c.model.name = 'coatnet_pico'
+  c.model.dtype = 'float32'
+  c.data.image_size = 64
+  c.data.shuffle_buffer = 1000
+  c.data.eval_split = c.data.eval_split.split('[')[0] + '[:256]'
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.total_steps = 20
+  c.optim.warmup_steps = 5
+  c.optim.warmup_epochs = 0.0
+  c.log_every_steps = 5
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 0
+  c.mesh.data, c.mesh.fsdp = -1, 1

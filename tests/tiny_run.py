@@ -1,0 +1,116 @@
+"""Helper for test_train: a tiny CoAtNet through ``train.train_and_evaluate`` on N CPU devices.
+
+Run as ``XLA_FLAGS=--xla_force_host_platform_device_count=N python tests/tiny_run.py WORKDIR MESH``
+(the flag must be set before JAX starts, hence a subprocess), or as several processes with
+``... WORKDIR MESH PROCESS_ID NUM_PROCESSES PORT``. Process 0 writes ``WORKDIR/result.npz`` (the
+final parameters) and ``result.json`` (exact eval counts next to a brute-force count, NaN guard).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from configs import quickstart
+from coatnet_jax import checkpointing, input_pipeline, models, optim, sharding, train
+
+# Every block kind, as small as it gets: a few seconds to compile.
+models.VARIANTS['test_tiny'] = models.Variant(
+    stem_width=8, stages=((('C', 8, 1),), (('C', 16, 1),), (('T', 16, 1),), (('T', 16, 1),)),
+    head_size=8)
+
+
+def tiny_config(mesh):
+  c = quickstart.get_config()
+  c.model.name = 'test_tiny'
+  c.model.drop_path_rate = 0.1
+  c.batch_size = 32
+  c.accum_steps = 2
+  c.total_steps = 4
+  c.eval_batch_size = 64
+  c.optim.warmup_steps = 2
+  # Structurally-zero gradients (a conv bias before BatchNorm) are pure float noise, which Adam's
+  # 1/sqrt(v) would blow up to +-lr; a larger eps keeps the 1-vs-8-device comparison meaningful.
+  c.optim.eps = 1e-3
+  c.loss.mixup_alpha = 0.8
+  c.loss.cutmix_alpha = 1.0
+  c.ema.decay = 0.9
+  c.log_every_steps = 1
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 0
+  c.tensorboard = False
+  c.mesh.data, c.mesh.fsdp = mesh
+  c.sharding.min_size = 64  # Shard even tiny arrays, so the fsdp path is exercised.
+  return c
+
+
+def main(workdir, mesh):
+  config = tiny_config(mesh)
+  results = train.train_and_evaluate(config, workdir)
+
+  # Reload the final state and evaluate it again at other batch sizes, next to brute force.
+  m = sharding.make_mesh(config.mesh)
+  model = train.build_model(config, 10)
+  schedule, tx = train.build_optimizer(config, 1438)
+  abstract = jax.eval_shape(train.make_init_fn(config, model, tx))
+  shardings = sharding.tree_shardings(abstract, m, config.sharding)
+  state = checkpointing.restore_latest(checkpointing.make_manager(workdir), abstract, shardings)
+  sharded = [optim.path_str(p) for (p, _), s in zip(
+      jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(shardings.params))
+             if any(x is not None for x in s.spec)]
+
+  images, labels = input_pipeline._digits_arrays(32, 'test')  # pylint: disable=protected-access
+  variables = {'params': jax.device_get(state.params),
+               'batch_stats': jax.device_get(state.batch_stats)}
+  logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+      variables, input_pipeline.normalize(images))  # All 359 at once: no padding, no mask.
+  brute = int(np.sum(np.argmax(np.asarray(logits), -1) == labels))
+
+  out = {'brute_correct': brute, 'eval_count': results['eval/count'],
+         'eval_top1': results['eval/top1'], 'num_sharded': len(sharded)}
+  for batch in (8,):
+    step = jax.jit(train.make_eval_step(config, model, 10))
+    r = train.evaluate(step, state.params, state.batch_stats,
+                       input_pipeline.eval_iterator(config.data, batch,
+                                                    process_index=jax.process_index(),
+                                                    process_count=jax.process_count()),
+                       m, 'softmax')
+    out[f'count_{batch}'] = r['count']
+    out[f'correct_{batch}'] = round(r['top1'] * r['count'])
+  if m.devices.size == 1:
+    out['nan_guard'] = _nan_guard(config, model, tx, schedule, m, state)
+  if jax.process_index():
+    return
+  flat = {optim.path_str(p): np.asarray(v) for p, v in
+          jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))}
+  np.savez(os.path.join(workdir, 'result.npz'), **flat)
+  with open(os.path.join(workdir, 'result.json'), 'w') as f:
+    json.dump(out, f)
+  print(json.dumps(out))
+
+
+def _nan_guard(config, model, tx, schedule, mesh, state):
+  """A step whose loss is NaN returns the state it was given, and the loop's check names it."""
+  bad = config.copy_and_resolve_references()
+  bad.loss.label_smoothing = float('nan')
+  step = jax.jit(train.make_train_step(bad, model, tx, schedule, 10, mesh))
+  batch = next(input_pipeline.train_iterator(config.data, config.batch_size, seed=0))
+  new_state, metrics = step(state, sharding.global_batch(batch, mesh))
+  same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.device_get(new_state)),
+                                                  jax.tree.leaves(jax.device_get(state))))
+  try:
+    train._check_finite([(5, metrics['loss'])])  # pylint: disable=protected-access
+    message = ''
+  except train.NonFiniteLossError as e:
+    message = str(e)
+  return bool(np.isnan(metrics['loss']) and same and 'at step 5' in message)
+
+
+if __name__ == '__main__':
+  if len(sys.argv) > 3:
+    jax.distributed.initialize(f'localhost:{sys.argv[5]}', int(sys.argv[4]), int(sys.argv[3]))
+  main(sys.argv[1], tuple(int(x) for x in sys.argv[2].split(',')))
