@@ -1,0 +1,1 @@
+"""Benchmarks: this project against timm on one card (see README.md here)."""
