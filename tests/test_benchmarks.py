@@ -26,7 +26,7 @@ def _run(script, *args, cache='') -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='',
              JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='1')
   proc = subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', script), *args],
-                        cwd='/', env=env, capture_output=True, text=True, timeout=300)
+                        cwd='/', env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   for field in FIELDS:

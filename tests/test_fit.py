@@ -18,7 +18,7 @@ FSDP = (1, 2, 4, 8)
 MAX_REPLICATED_FRACTION = 0.005
 
 
-def _run(code: str, *args, timeout=240) -> subprocess.CompletedProcess:
+def _run(code: str, *args, timeout=1200) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, *(['-c', code] if code else []), *args], cwd=ROOT,

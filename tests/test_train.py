@@ -17,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, env_extra=None, timeout=600):
+def _run(args, env_extra=None, timeout=1800):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu', **(env_extra or {}))
   env.pop('XLA_FLAGS', None)
   env.update(env_extra or {})
@@ -112,7 +112,7 @@ def tiny_runs(tmp_path_factory):
           [sys.executable, 'tests/tiny_run.py', workdir, mesh] + extra, cwd=ROOT, env=env,
           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
   for name, workdir, proc in runs:
-    _, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-5000:]
     out[name] = (workdir, json.load(open(os.path.join(workdir, 'result.json'))),
                  dict(np.load(os.path.join(workdir, 'result.npz'))))
