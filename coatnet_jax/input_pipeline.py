@@ -1,4 +1,4 @@
-"""The data interface: per-process numpy batches, an in-memory digits source and a TFDS source.
+"""The data interface: per-process numpy batches from digits, TFDS, TFRecords or class folders.
 
 Every source yields this process's share of each global batch as a dict of numpy arrays:
 ``image`` (uint8, NHWC, RGB), ``label`` (int32), and for evaluation ``mask`` (1 for a real example,
@@ -8,8 +8,15 @@ that turns pixels into model inputs; the transfer is 4x smaller that way.
 Evaluation is exact: every process runs the same number of batches, padded with masked examples, so
 the metrics count each example of the split once on any number of processes and devices.
 
-TensorFlow is imported only inside the TFDS functions, and only when a TFDS dataset is used: the
-quickstart, the step and the model never import it.
+Sources (``config.data.name``): 'digits' (in memory, no TF), 'tfrecords' (JFT-style multi-label,
+coatnet_jax/data/tfrecords.py), 'folders' (class sub-folders, data/folders.py), anything else a
+TFDS name (imagenet2012; imagenet21k, whose builder is data/imagenet21k.py). Train transforms are
+paper Table 10's: Inception crop, flip, RandAugment(N, M) (data/randaugment.py), all in tf.data;
+Mixup/CutMix run on the device (losses.mix). The train stream is a pure function of (seed, step):
+see data/streams.py for how a restart at step k reproduces an uninterrupted run bit for bit.
+
+TensorFlow is imported only inside the functions of the TF sources, and only when one is used:
+the quickstart, the step and the model never import it.
 """
 
 import dataclasses
@@ -19,6 +26,8 @@ from typing import Iterator
 from absl import logging
 import jax.numpy as jnp
 import numpy as np
+
+from coatnet_jax.data import DataNotFoundError  # pylint: disable=unused-import (re-exported)
 
 Batch = dict[str, np.ndarray]
 
@@ -39,6 +48,7 @@ class DatasetInfo:
   num_classes: int
   train_size: int
   eval_size: int
+  skipped_images: int = 0  # Undecodable images left out of the splits (logged by name).
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -50,13 +60,6 @@ def local_batch_size(global_batch: int, process_count: int) -> int:
 def num_eval_batches(split_size: int, global_batch: int) -> int:
   """Batches each process runs to see all ``split_size`` examples (the last ones padded)."""
   return max(1, math.ceil(split_size / global_batch))
-
-
-def _log_unapplied(config):
-  """Names augmentations that the config asks for but this pipeline does not apply yet."""
-  if config.get('randaugment') and config.randaugment.get('num_layers', 0):
-    logging.warning('config.data.randaugment=%s is NOT applied yet (a later issue); training '
-                    'runs without it.', dict(config.randaugment))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +131,10 @@ def _pad_and_split(images, labels, global_batch, process_index, process_count):
 
 
 # ---------------------------------------------------------------------------------------------
-# TFDS: ImageNet-style datasets. TensorFlow stays inside these functions.
+# TFDS, TFRecords and class folders (coatnet_jax.data). TensorFlow stays inside these functions.
+
+# data.name -> the coatnet_jax.data module whose Source reads it; any other name is a TFDS name.
+SOURCES = {'tfrecords': 'tfrecords', 'folders': 'folders'}
 
 
 def _tf():
@@ -137,88 +143,63 @@ def _tf():
   return tf
 
 
-def _tfds_builder(config):
+def _source(config):
+  """The Source object for ``config.name``; raises DataNotFoundError (one line) if unprepared."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  _tf()
+  module = importlib.import_module('coatnet_jax.data.' + SOURCES.get(config.name, 'tfds_source'))
+  return module.Source(config)
+
+
+def _eval_crop(config):
+  """Eval protocol: ``data.crop_fraction`` < 1 centre-crops (pre-training); None or 1 resizes the
+  whole image without a crop (fine-tuning, paper Table 10)."""
+  return config.get('crop_fraction', 0.875)
+
+
+def _as_numpy(ds):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.builder(config.name, data_dir=config.get('data_dir'))
+  return iter(tfds.as_numpy(ds))
 
 
-def _process_split(split, process_index, process_count):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.split_for_jax_process(split, process_index=process_index,
-                                    process_count=process_count)
-
-
-def _decode_and_random_crop(tf, image_bytes, size):
-  """Inception-style random-resized crop (area 8%-100%, aspect 3/4-4/3) and a random flip."""
-  shape = tf.image.extract_jpeg_shape(image_bytes)
-  begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-      shape, bounding_boxes=tf.zeros([1, 0, 4]), min_object_covered=0.1,
-      aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
-      use_image_if_no_bounding_boxes=True)
-  y, x, _ = tf.unstack(begin)
-  h, w, _ = tf.unstack(crop_size)
-  image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, h, w]), channels=3)
-  image = tf.image.resize(image, (size, size), method='bicubic', antialias=True)
-  image = tf.image.random_flip_left_right(image)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def _decode_and_center_crop(tf, image_bytes, size, crop_fraction):
-  """Resize-and-centre-crop for evaluation: the central ``crop_fraction`` of the shorter side."""
-  shape = tf.image.extract_jpeg_shape(image_bytes)
-  h, w = shape[0], shape[1]
-  side = tf.cast(crop_fraction * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
-  y, x = (h - side + 1) // 2, (w - side + 1) // 2
-  image = tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([y, x, side, side]), channels=3)
-  image = tf.image.resize(image, (size, size), method='bicubic', antialias=True)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def _tfds_train(config, global_batch, seed, process_index, process_count, start_step):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf = _tf()
-  if start_step:
-    logging.warning('TFDS input is not resumed deterministically yet (a later issue): step %d '
-                    'restarts from a fresh shuffle.', start_step)
-  builder = _tfds_builder(config)
-  split = _process_split(config.train_split, process_index, process_count)
-  ds = builder.as_dataset(split=split, shuffle_files=True,
-                          decoders={'image': tfds.decode.SkipDecoding()},
-                          read_config=tfds.ReadConfig(shuffle_seed=seed + process_index))
-  ds = ds.repeat().shuffle(config.get('shuffle_buffer', 10_000), seed=seed + process_index)
-
-  def prepare(example):
-    return {'image': _decode_and_random_crop(tf, example['image'], config.image_size),
-            'label': tf.cast(example['label'], tf.int32)}
-
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(local_batch_size(global_batch, process_count), drop_remainder=True)
-  return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
-
-
-def _tfds_eval(config, global_batch, process_index, process_count):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  tf = _tf()
-  builder = _tfds_builder(config)
+def _tf_train(config, global_batch, seed, process_index, process_count, start_step):
+  from coatnet_jax.data import streams  # pylint: disable=g-import-not-at-top
+  source = _source(config)
+  ra = config.get('randaugment') or {}
   local = local_batch_size(global_batch, process_count)
-  sizes = [builder.info.splits[_process_split(config.eval_split, p, process_count)].num_examples
-           for p in range(process_count)]
-  batches = max(1, math.ceil(max(sizes) / local))  # The same count on every process.
-  split = _process_split(config.eval_split, process_index, process_count)
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
+  n_local = source.local_train_size(config.train_split, process_index, process_count)
 
-  def prepare(example):
-    return {'image': _decode_and_center_crop(tf, example['image'], config.image_size,
-                                             config.get('crop_fraction', 0.875)),
-            'label': tf.cast(example['label'], tf.int32), 'mask': tf.constant(1, tf.int32)}
+  def transform(image_bytes, example_seed):
+    return streams.train_transform(
+        image_bytes, example_seed, image_size=config.image_size,
+        randaugment_layers=ra.get('num_layers', 0), randaugment_magnitude=ra.get('magnitude', 0),
+        resize_method=config.get('train_resize_method', 'bilinear'))
 
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  pad = tf.data.Dataset.from_tensors({
-      'image': tf.zeros((config.image_size, config.image_size, 3), tf.uint8),
-      'label': tf.constant(0, tf.int32), 'mask': tf.constant(0, tf.int32)}).repeat()
-  ds = ds.concatenate(pad).take(batches * local).batch(local)
-  return iter(tfds.as_numpy(ds.prefetch(tf.data.AUTOTUNE)))
+  logging.info('Train stream of %s[%s]: %d examples on process %d, from step %d (epoch %d).',
+               config.name, config.train_split, n_local, process_index, start_step,
+               start_step * local // n_local)
+  ds = streams.train_dataset(
+      source.epoch_fn(config.train_split, process_index, process_count, seed=seed,
+                      shuffle_buffer=config.get('shuffle_buffer', 10_000)),
+      n_local, local, seed=seed, process_index=process_index, start_step=start_step,
+      transform=transform, prepare_label=source.prepare_label)
+  return _as_numpy(ds)
+
+
+def _tf_eval(config, global_batch, process_index, process_count):
+  from coatnet_jax.data import streams  # pylint: disable=g-import-not-at-top
+  from coatnet_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  source = _source(config)
+  local = local_batch_size(global_batch, process_count)
+  crop = _eval_crop(config)
+  ds = streams.eval_dataset(
+      source.ordered(config.eval_split, process_index, process_count),
+      source.local_eval_sizes(config.eval_split, process_count), local,
+      transform=lambda b: transforms.eval_image(b, config.image_size, crop,
+                                                config.get('eval_resize_method', 'bicubic')),
+      prepare_label=source.prepare_label, image_size=config.image_size,
+      blank_label=source.blank_label())
+  return _as_numpy(ds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,20 +210,31 @@ def get_info(config) -> DatasetInfo:
   """Classes and split sizes; ``config`` is ``config.data``."""
   if config.name == 'digits':
     return DatasetInfo(10, len(_digits_arrays(8, 'train')[1]), len(_digits_arrays(8, 'test')[1]))
-  info = _tfds_builder(config).info
-  num_classes = config.get('num_classes') or info.features['label'].num_classes
-  return DatasetInfo(num_classes, info.splits[config.train_split].num_examples,
-                     info.splits[config.eval_split].num_examples)
+  source = _source(config)
+  train_size, eval_size = source.size(config.train_split), source.size(config.eval_split)
+  skipped = sum(getattr(source, 'skipped', {}).values())
+  return DatasetInfo(source.num_classes, train_size, eval_size, skipped)
+
+
+def label_spec(config, num_classes: int):
+  """(per-example shape, numpy dtype) of batch['label']: multi-hot float32 for multi-label
+  TFRecords, else a scalar int32. For the trainer's abstract batches (ahead-of-time compile)."""
+  if config.name == 'tfrecords' and config.get('multi_label', True):
+    return (num_classes,), np.float32
+  return (), np.int32
 
 
 def train_iterator(config, global_batch: int, *, seed: int, process_index: int = 0,
                    process_count: int = 1, start_step: int = 0) -> Iterator[Batch]:
-  """An endless iterator of this process's share of each global training batch."""
-  _log_unapplied(config)
+  """An endless iterator of this process's share of each global training batch.
+
+  A pure function of (config, seed, process, step): ``start_step=k`` yields exactly the batches
+  an uninterrupted run yields from step k on, so a checkpoint needs no iterator state.
+  """
   args = (config, global_batch, seed, process_index, process_count, start_step)
   if config.name == 'digits':
     return _digits_train(*args)
-  return _tfds_train(*args)
+  return _tf_train(*args)
 
 
 def eval_iterator(config, global_batch: int, *, process_index: int = 0,
@@ -251,7 +243,7 @@ def eval_iterator(config, global_batch: int, *, process_index: int = 0,
   if config.name == 'digits':
     images, labels = _digits_arrays(config.image_size, config.eval_split)
     return _pad_and_split(images, labels, global_batch, process_index, process_count)
-  return _tfds_eval(config, global_batch, process_index, process_count)
+  return _tf_eval(config, global_batch, process_index, process_count)
 
 
 def in_memory_eval_iterator(images: np.ndarray, labels: np.ndarray, global_batch: int, *,

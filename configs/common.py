@@ -31,14 +31,22 @@ def get_base_config():
   c.model.switches = ml_collections.ConfigDict()  # models.Options fields, e.g. pool='avg'.
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'imagenet2012'  # A TFDS name, or 'digits' (sklearn's, in memory, no TF).
+  # 'digits' (sklearn's, in memory, no TF), 'tfrecords' (JFT-style multi-label TFRecords by glob),
+  # 'folders' (DATA_DIR/<split>/<class>/<image>), or a TFDS name ('imagenet2012', 'imagenet21k').
+  c.data.name = 'imagenet2012'
   c.data.data_dir = ml_collections.FieldReference(None, field_type=str)
-  c.data.train_split = 'train'
+  c.data.train_split = 'train'  # A TFDS split, a sub-folder ('folders') or a glob ('tfrecords').
   c.data.eval_split = 'validation'
+  c.data.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: the dataset's.
   c.data.image_size = 224
-  c.data.crop_fraction = 0.875  # Eval: resize, then centre crop of this fraction.
-  c.data.shuffle_buffer = 50_000
+  # Eval: resize, then centre crop of this fraction (pre-training); None: whole-image resize, no
+  # crop (fine-tuning, paper Table 10).
+  c.data.crop_fraction = ml_collections.FieldReference(0.875, field_type=float)
+  c.data.train_resize_method = 'bilinear'  # Random-crop resize (no antialias; big_vision's).
+  c.data.eval_resize_method = 'bicubic'  # Eval resize, antialiased.
+  c.data.shuffle_buffer = 50_000  # Examples; the TFRecord sources' per-epoch seeded shuffle.
   c.data.max_shift = 0  # Digits only: random translation in pixels.
+  # RandAugment(N, M), TF EfficientNet magnitudes, M not clipped at 10 (data/randaugment.py).
   c.data.randaugment = ml_collections.ConfigDict({'num_layers': 0, 'magnitude': 0})
 
   c.batch_size = 4096  # Global, over all devices and processes.
@@ -90,7 +98,8 @@ def runlocal(c):
   c.model.dtype = 'float32'
   c.data.image_size = 64
   c.data.shuffle_buffer = 1000
-  c.data.eval_split = c.data.eval_split.split('[')[0] + '[:256]'
+  if c.data.name not in ('tfrecords', 'folders'):  # TFDS split slicing; globs stay as they are.
+    c.data.eval_split = c.data.eval_split.split('[')[0] + '[:256]'
   c.batch_size = 16
   c.eval_batch_size = 64
   c.total_steps = 20

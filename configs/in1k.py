@@ -3,13 +3,14 @@ r"""ImageNet-1K from scratch at 224: the paper's Table 10 recipe for CoAtNet-0..
 300 epochs, batch 4096, AdamW peak 1e-3 -> 1e-5 cosine after 10K warm-up steps, weight decay 0.05,
 label smoothing 0.1, RandAugment (2, 15), Mixup 0.8, stochastic depth 0.2 / 0.3 / 0.5 / 0.7,
 gradient clipping 1.0, bf16 compute, TFDS ``imagenet2012`` (prepared under
-``--config.data.data_dir``).
+``--config.data.data_dir``: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in
+DATA_DIR/downloads/manual, then ``tfds build imagenet2012 --data_dir DATA_DIR``). Eval: resize and
+centre crop 0.875.
 
   python -m coatnet_jax.main --config configs/in1k.py:variant=coatnet_0 --workdir gs://BUCKET/c0
 
 Should reach (paper Table 4, 224, top-1 on val): CoAtNet-0 81.6, -1 83.3, -2 84.1, -3 84.5.
-Not yet reproduced with this code: RandAugment is not implemented yet (logged at start), so
-expect lower numbers until it is.
+Not yet reproduced with this code.
 
 Variants override fields, they do not copy this file:
   :variant=coatnet_1            another model (drop path follows the table)

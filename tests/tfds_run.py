@@ -64,6 +64,28 @@ def main(data_dir):
       assert len(num_batches) == 1, num_batches  # The same number of batches on every process.
       assert sorted(labels) == want, (processes, global_batch, labels)
 
+  # Resume: a restart at step k sees bit for bit the batches of an uninterrupted run (the stream
+  # crosses epochs: 20 examples per process, batch 4 each), on each of 2 processes; another seed
+  # differs.
+  import hashlib  # pylint: disable=g-import-not-at-top
+  digest = lambda bs: hashlib.sha256(b''.join(
+      x[k].tobytes() for x in bs for k in sorted(x))).hexdigest()
+  for processes in (2,):
+    its = [input_pipeline.train_iterator(c, 8, seed=5, process_index=p, process_count=processes)
+           for p in range(processes)]
+    full = [[next(it) for _ in range(12)] for it in its]
+    for p in range(processes):
+      again = input_pipeline.train_iterator(c, 8, seed=5, process_index=p,
+                                            process_count=processes, start_step=7)
+      assert digest([next(again) for _ in range(5)]) == digest(full[p][7:]), (processes, p)
+  other = next(input_pipeline.train_iterator(c, 8, seed=6))
+  assert digest([other]) != digest(full[0][:1])
+  # Fine-tuning eval: the whole image resized, no crop.
+  c.crop_fraction = None
+  b = next(input_pipeline.eval_iterator(c, 4))
+  assert b['image'].shape == (4, 32, 32, 3)
+  c.crop_fraction = 0.875
+
   # The decode path on TFDS's mocked ImageNet (random JPEGs with the real feature spec).
   c.name, c.data_dir = 'imagenet2012', None
   with tfds.testing.mock_data(num_examples=8):

@@ -1,0 +1,19 @@
+"""Dataset sources, builders and transforms behind ``coatnet_jax.input_pipeline``.
+
+One module per concern. Every module here except this one imports TensorFlow at its top, so only
+``input_pipeline`` imports them, and only inside the functions that need them: the quickstart, the
+model and the step never load TensorFlow.
+
+  transforms.py   decode, Inception crop, flip, eval resize/crop (TF, stateless, per-example seeds)
+  randaugment.py  RandAugment(N, M), the TF EfficientNet operation list, stateless
+  streams.py      the deterministic (seed, epoch, position) train stream and exact padded eval
+  tfds_source.py  any TFDS dataset read by file instructions (imagenet2012, imagenet21k, ...)
+  tfrecords.py    JFT-style multi-label TFRecords read by glob (schema in its docstring)
+  folders.py      a directory of class sub-folders
+  imagenet21k.py  the TFDS builder for the ImageNet-21K release (fall11 / winter21)
+"""
+
+
+class DataNotFoundError(FileNotFoundError):
+  """A dataset that is missing, empty or unprepared. The message is one line that names the path
+  and the command that prepares it; ``main`` can print it alone instead of a traceback."""

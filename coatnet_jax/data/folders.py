@@ -1,0 +1,134 @@
+"""A directory of class sub-folders, for a user's own small data.
+
+  DATA_DIR/train/<class name>/<image>   (any names; JPEG, PNG, GIF, BMP by content)
+  DATA_DIR/val/<class name>/<image>
+
+``data.name = 'folders'``, ``data.train_split = 'train'``, ``data.eval_split = 'val'`` (the
+sub-directory names). Classes are the sorted sub-folder names of the train split, label i for the
+i-th; the eval split may lack some classes but may not add new ones. Each process takes an even,
+contiguous part of a fixed (seed 0) shuffle of the sorted file list; each training epoch is a
+permutation of that part drawn from (seed, epoch), by index.
+
+Every image is decoded once when a split is first listed (small data: seconds); files that do not
+decode (truncated, not an image) are left out of the split, logged by name and counted
+(``Source.skipped``), so that the stream positions, and with them bit-exact resume, do not
+depend on failures at training time. CMYK and grey JPEGs and PNG bytes under a .JPEG name
+decode fine and stay.
+"""
+
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from coatnet_jax.data import DataNotFoundError
+from coatnet_jax.data import transforms
+
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
+LAYOUT = 'DATA_DIR/<split>/<class>/<image files>'
+
+
+def _classes(root):
+  if not tf.io.gfile.isdir(root):
+    raise DataNotFoundError(f'No directory {root}; lay out images as {LAYOUT}.')
+  classes = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(root)
+                   if tf.io.gfile.isdir(os.path.join(root, d)))
+  if not classes:
+    raise DataNotFoundError(f'{root} has no class sub-folders; lay out images as '
+                                        f'{LAYOUT}.')
+  return classes
+
+
+_LISTS, _SKIPPED = {}, {}  # root -> split -> lists / skipped count: decode-checked once.
+
+
+def _decodable(paths):
+  """A boolean per path: does it decode? One parallel tf.data pass; failures are dropped."""
+  ds = tf.data.Dataset.from_tensor_slices(paths).enumerate()
+  ds = ds.map(lambda i, p: (i, tf.shape(transforms.decode(tf.io.read_file(p)))[0]),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
+  good = np.zeros(len(paths), bool)
+  for i, _ in ds.as_numpy_iterator():
+    good[i] = True
+  return good
+
+
+class Source:
+  """Lists files once per split; everything else is index arithmetic."""
+
+  def __init__(self, config):
+    self.config = config
+    self.root = config.get('data_dir') or ''
+    self.classes = _classes(os.path.join(self.root, config.train_split))
+    self.num_classes = len(self.classes)
+    self._lists = _LISTS.setdefault(self.root, {})
+    self.skipped = _SKIPPED.setdefault(self.root, {})
+
+  def files(self, split):
+    if split not in self._lists:
+      root = os.path.join(self.root, split)
+      index = {c: i for i, c in enumerate(self.classes)}
+      paths, labels = [], []
+      for c in _classes(root):
+        if c not in index:
+          raise ValueError(f'{root}/{c} is not a class of the train split.')
+        for name in sorted(tf.io.gfile.listdir(os.path.join(root, c))):
+          if name.lower().endswith(EXTENSIONS):
+            paths.append(os.path.join(root, c, name))
+            labels.append(index[c])
+      if not paths:
+        raise DataNotFoundError(f'{root} holds no images; lay out images as {LAYOUT}.')
+      paths, labels = np.array(paths), np.array(labels, np.int32)
+      good = _decodable(paths)
+      for p in paths[~good]:
+        logging.warning('Skipping %s: it does not decode as an image.', p)
+      self.skipped[split] = int((~good).sum())
+      if self.skipped[split]:
+        logging.warning('%s: skipped %d undecodable of %d files.', root, self.skipped[split],
+                        len(paths))
+      paths, labels = paths[good], labels[good]
+      order = np.random.RandomState(0).permutation(len(paths))
+      self._lists[split] = (paths[order], labels[order])
+    return self._lists[split]
+
+  def size(self, split):
+    return len(self.files(split)[0])
+
+  def _local(self, split, process_index, process_count):
+    paths, labels = self.files(split)
+    parts = np.array_split(np.arange(len(paths)), process_count)[process_index]
+    return paths[parts], labels[parts]
+
+  def local_train_size(self, split, process_index, process_count):
+    return len(self._local(split, process_index, process_count)[0])
+
+  def epoch_fn(self, split, process_index, process_count, *, seed, shuffle_buffer):
+    del shuffle_buffer  # A full permutation: index access needs no buffer.
+    paths, labels = (tf.constant(a) for a in self._local(split, process_index, process_count))
+    n = int(paths.shape[0])
+
+    def fn(epoch):
+      order = tf.random.experimental.stateless_shuffle(
+          tf.range(n), seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+      ds = tf.data.Dataset.from_tensor_slices(order)
+      return ds.map(lambda i: {'image': tf.io.read_file(paths[i]), 'label': labels[i]},
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    return fn
+
+  def local_eval_sizes(self, split, process_count):
+    n = self.size(split)
+    return [len(a) for a in np.array_split(np.arange(n), process_count)]
+
+  def ordered(self, split, process_index, process_count):
+    paths, labels = self._local(split, process_index, process_count)
+    ds = tf.data.Dataset.from_tensor_slices({'image': paths, 'label': labels})
+    return ds.map(lambda e: {'image': tf.io.read_file(e['image']), 'label': e['label']},
+                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def prepare_label(self, label):
+    return tf.cast(label, tf.int32)
+
+  def blank_label(self):
+    return tf.constant(0, tf.int32)
