@@ -68,9 +68,8 @@ def run(variant='coatnet_0', batch=256, res=224, dtype='bfloat16', steps=20, war
   t0 = time.perf_counter()
   if mode == 'train':
     batch_data.pop('mask')
-    step = jax.jit(train.make_train_step(config, model, tx, schedule, num_classes, mesh),
-                   in_shardings=(shardings, bs), out_shardings=(shardings, rep),
-                   donate_argnums=(0,)).lower(state, batch_data).compile()
+    step = train.jit_train_step(config, model, tx, schedule, num_classes, mesh,
+                                shardings).lower(state, batch_data).compile()
     def one(s):
       return step(s, batch_data)
   else:

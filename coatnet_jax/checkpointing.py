@@ -1,33 +1,326 @@
-"""Orbax checkpoints of the whole train state in ``workdir/checkpoints``: save, resume, keep N.
+"""Orbax checkpoints in ``workdir/checkpoints``: a run is never lost.
 
-Restoring goes straight into the shardings of the abstract state, so a resumed run is born sharded
-exactly like a fresh one. Preemption and fault handling are a later issue.
+Each step directory holds two items: ``state`` (step, params, batch_stats, optimizer state, EMA,
+rng: the whole ``TrainState``) and ``metadata`` (JSON: the resolved config, the model name, an
+architecture id and the data position). Nothing is ever unpickled: arrays come back through
+TensorStore, metadata through JSON.
+
+* Saves are asynchronous; the manager keeps the latest ``keep`` checkpoints and, when an eval
+  metric is named, the best one by that metric as well.
+* Resume walks the steps from the newest down and takes the first intact one: a step directory
+  without its commit marker or with missing or truncated files is moved to
+  ``workdir/damaged_checkpoints/`` (never deleted) and the fallback is logged.
+* A checkpoint of another architecture is refused with one line unless the config allows a
+  partial load, which takes the leaves whose paths and shapes match and reports the rest.
+
+Restoring goes straight into the shardings of the abstract state, whatever the device count of
+the run that saved it, so a resumed run is born sharded exactly like a fresh one.
 """
 
+import dataclasses
+import hashlib
+import json
 import os
+import re
+import shutil
+import threading
+import time
+from typing import Any, Optional
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+# Bump when the parameter tree a (variant, switches, num_classes) builds changes meaning.
+ARCHITECTURE_VERSION = 1
+CHECKPOINTS = 'checkpoints'
+DAMAGED = 'damaged_checkpoints'
+# Files Orbax writes last (commit markers) or needs first; a step without one is not intact.
+_REQUIRED = ('commit_success.txt', '_CHECKPOINT_METADATA', 'state/_METADATA',
+             'state/manifest.ocdbt', 'state/commit_success.txt', 'metadata/metadata')
 
 
-def make_manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+class CheckpointError(Exception):
+  """A checkpoint problem the user must act on; its message is one line."""
 
 
-def save(manager: ocp.CheckpointManager, step: int, state) -> None:
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+class ArchitectureMismatchError(CheckpointError):
+  pass
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state, shardings):
-  """The latest saved state placed on ``shardings``, or None when the workdir has none."""
-  step = manager.latest_step()
-  if step is None:
-    return None
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+
+
+def architecture_id(config, num_classes: int) -> str:
+  """A short hash of what fixes the parameter tree: variant layout, switches, classes, version."""
+  from coatnet_jax import models  # pylint: disable=g-import-not-at-top
+  m = config.model
+  desc = {'variant': dataclasses.asdict(models.VARIANTS[m.name]),
+          'switches': {k: v for k, v in sorted(dict(m.get('switches', {})).items())},
+          'num_classes': int(num_classes), 'version': ARCHITECTURE_VERSION}
+  blob = json.dumps(desc, sort_keys=True, default=str).encode()
+  return f'v{ARCHITECTURE_VERSION}-{hashlib.sha256(blob).hexdigest()[:16]}'
+
+
+def make_metadata(config, num_classes: int, step: int) -> dict:
+  return {'model': config.model.name, 'architecture': architecture_id(config, num_classes),
+          'num_classes': int(num_classes), 'step': int(step),
+          'data_position': int(step),  # The input pipelines are pure functions of (seed, step).
+          'config': json.loads(config.to_json_best_effort())}
+
+
+def make_manager(workdir: str, keep: int = 3, best_metric: Optional[str] = None,
+                 best_mode: str = 'max', async_save: bool = True) -> ocp.CheckpointManager:
+  """Keeps the latest ``keep`` steps, plus the best by ``best_metric`` (from ``save(metrics=)``)."""
+  policies = [ocm.preservation_policy.LatestN(n=keep)]
+  if best_metric:
+    policies.append(ocm.preservation_policy.BestN(
+        get_metric_fn=lambda m: m[best_metric], reverse=(best_mode == 'min'), n=1,
+        keep_checkpoints_without_metrics=False))
+  options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+      preservation_policy=ocm.preservation_policy.AnyPreservationPolicy(policies))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers=_handlers())
+
+
+def _handlers():
+  return {'state': ocp.StandardCheckpointHandler(), 'metadata': ocp.JsonCheckpointHandler()}
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, metadata: dict,
+         metrics: Optional[dict] = None) -> None:
+  """Starts an asynchronous save; the next save or ``wait_until_finished`` waits for it."""
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             metadata=ocp.args.JsonSave(metadata)),
+               metrics=metrics, force=True)
+
+
+# A save that neither finishes nor fails in this time is reported as failed: Orbax can hang when a
+# background write fails at an unlucky moment (seen with a full disk).
+WAIT_TIMEOUT_S = 600.0
+
+
+def wait(manager: ocp.CheckpointManager, timeout_s: Optional[float] = None) -> None:
+  """Waits for the pending save; an error in it (disk full, ...) is raised here, one line."""
+  timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
+  errors = []
+
+  def run():
+    try:
+      manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  waiter = threading.Thread(target=run, daemon=True, name='coatnet_checkpoint_wait')
+  waiter.start()
+  waiter.join(timeout_s)
+  if waiter.is_alive():
+    raise CheckpointError(f'The checkpoint save did not finish within {timeout_s:.0f} s (a hung '
+                          f'or failed write; check free disk space and the log above).')
+  if errors:
+    raise CheckpointError(one_line(errors[0])) from errors[0]
+
+
+def one_line(e: BaseException) -> str:
+  """The exception on one line, its OS error first (TensorStore buries it at the end)."""
+  text = ' '.join(f'{type(e).__name__}: {e}'.split())
+  code = getattr(e, 'errno', None)
+  if code is None:
+    found = re.search(r"os_error_code='(\d+)'", text)
+    code = int(found.group(1)) if found else None
+  prefix = f'{os.strerror(code)} (errno {code}): ' if code else ''
+  return prefix + (text if len(text) <= 400 else text[:400] + ' ...')
+
+
+def latest_complete_step(workdir: str) -> Optional[int]:
+  """The newest step directory with all its files and commit markers (no restore attempted)."""
+  for step in _steps_on_disk(workdir):
+    if not _missing_files(os.path.join(checkpoint_dir(workdir), str(step))):
+      return step
+  return None
+
+
+def _steps_on_disk(workdir: str) -> list[int]:
+  d = checkpoint_dir(workdir)
+  if not os.path.isdir(d):
+    return []
+  return sorted((int(n) for n in os.listdir(d) if n.isdigit()), reverse=True)
+
+
+def _missing_files(step_dir: str) -> list[str]:
+  return [f for f in _REQUIRED if not os.path.exists(os.path.join(step_dir, f))]
+
+
+def read_metadata(workdir: str, step: int) -> dict:
+  with open(os.path.join(checkpoint_dir(workdir), str(step), 'metadata', 'metadata')) as f:
+    return json.load(f)
+
+
+def latest_metadata(workdir: str) -> Optional[dict]:
+  """Metadata of the newest step with a readable metadata item; None without checkpoints."""
+  for step in _steps_on_disk(workdir):
+    try:
+      return read_metadata(workdir, step)
+    except (OSError, ValueError):
+      continue
+  return None
+
+
+def check_compatible(saved: dict, expected: dict, allow_partial: bool, where: str) -> None:
+  """Refuses a checkpoint of another architecture, in one line, unless partial loads are on."""
+  if saved.get('architecture') == expected['architecture']:
+    return
+  message = (f'{where} holds checkpoints of model {saved.get("model")!r} (architecture '
+             f'{saved.get("architecture")}, {saved.get("num_classes")} classes); this config '
+             f'builds {expected["model"]!r} (architecture {expected["architecture"]}, '
+             f'{expected["num_classes"]} classes). Use another workdir, or set '
+             f'--config.allow_partial_load=True to load the matching leaves.')
+  if not allow_partial:
+    raise ArchitectureMismatchError(message)
+  logging.warning('Partial load: %s', message)
+
+
+def _path(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return '/'.join(parts)
+
+
+def _set_aside(workdir: str, step: int, why: str) -> None:
+  """Moves a damaged step out of Orbax's sight (process 0); nothing is deleted."""
+  logging.warning('Checkpoint step %d in %s is damaged (%s); falling back to an older one. '
+                  'It is kept in %s/%s.', step, workdir, why, DAMAGED, step)
+  if jax.process_index() == 0:
+    dest = os.path.join(workdir, DAMAGED, str(step))
+    if os.path.exists(dest):
+      dest += f'.{int(time.time())}'
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), dest)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[dict] = None,
+                   allow_partial: bool = False, init_fn=None):
+  """(state, metadata) of the newest intact checkpoint on ``shardings``, or (None, None).
+
+  Damaged steps are set aside with a warning. ``expected`` (``make_metadata``) is compared with
+  the saved metadata. With ``allow_partial`` and another architecture, ``init_fn()`` builds a
+  fresh state whose leaves are replaced by the saved ones of the same path and shape.
+  """
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, shardings)
-  logging.info('Restoring the train state from step %d.', step)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  return restored['state']
+  damaged = []
+  for step in _steps_on_disk(workdir):
+    step_dir = os.path.join(checkpoint_dir(workdir), str(step))
+    missing = _missing_files(step_dir)
+    if missing:
+      damaged.append((step, f'missing {", ".join(missing)}'))
+      continue
+    try:
+      saved = read_metadata(workdir, step)
+    except (OSError, ValueError) as e:
+      damaged.append((step, f'unreadable metadata: {one_line(e)}'))
+      continue
+    partial = False
+    if expected is not None:
+      check_compatible(saved, expected, allow_partial, workdir)
+      partial = saved.get('architecture') != expected['architecture']
+    # A read-only manager: nothing on disk changes while we probe.
+    reader = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+        read_only=True, enable_async_checkpointing=False), item_handlers=_handlers())
+    try:
+      if partial:  # Errors here are not damage: they propagate, nothing is set aside.
+        state = _partial_restore(reader, step, init_fn, shardings)
+      else:
+        try:
+          state = reader.restore(step, args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(target)))['state']
+          jax.block_until_ready(state)
+        except Exception as e:  # pylint: disable=broad-except
+          damaged.append((step, f'restore failed: {one_line(e)}'))
+          continue
+    finally:
+      reader.close()
+    for s, why in damaged:
+      _set_aside(workdir, s, why)
+    _sync('coatnet_checkpoint_fallback')
+    logging.info('Restored step %d from %s%s.', step, checkpoint_dir(workdir),
+                 f' after skipping damaged step(s) {[s for s, _ in damaged]}' if damaged else '')
+    return state, saved
+  for s, why in damaged:
+    _set_aside(workdir, s, why)
+  _sync('coatnet_checkpoint_fallback')
+  if damaged:
+    logging.warning('No intact checkpoint in %s; starting from scratch.', workdir)
+  return None, None
+
+
+def _partial_restore(reader, step, init_fn, shardings):
+  """Leaves of the fresh state replaced by saved leaves with the same path and shape."""
+  if init_fn is None:
+    raise CheckpointError('A partial load needs the init function of the new state.')
+  meta = reader.item_metadata(step)['state']
+  saved_shapes = {_path(p): tuple(m.shape) for p, m in
+                  jax.tree_util.tree_flatten_with_path(
+                      meta, is_leaf=lambda x: hasattr(x, 'shape'))[0]}
+  first = jax.tree.leaves(shardings)[0]
+  rep = (jax.sharding.NamedSharding(first.mesh, jax.sharding.PartitionSpec())
+         if hasattr(first, 'mesh') else first)
+  saved_target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=rep), meta,
+      is_leaf=lambda x: hasattr(x, 'shape'))
+  saved = reader.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(saved_target)))['state']
+  saved_flat = {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  fresh = jax.jit(init_fn, out_shardings=shardings)()
+  loaded, skipped = [], []
+
+  def pick(path, leaf, sharding):
+    key = _path(path)
+    if key in saved_flat and saved_shapes.get(key) == tuple(leaf.shape):
+      loaded.append(key)
+      return jax.device_put(np.asarray(saved_flat[key]).astype(leaf.dtype), sharding)
+    skipped.append(key)
+    return leaf
+
+  state = jax.tree_util.tree_map_with_path(pick, fresh, shardings)
+  logging.warning('Partial load of step %d: %d leaves loaded, %d kept fresh: %s', step,
+                  len(loaded), len(skipped), skipped[:20])
+  return state
+
+
+def check_workdir(workdir: str, expected: dict, allow_partial: bool) -> None:
+  """Before anything is written: the workdir is writable and holds no other model's checkpoints."""
+  probe = os.path.abspath(workdir)
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise CheckpointError(f'Workdir {workdir}: {probe} is not a directory.')
+  # os.access says yes to root on a read-only mount; try a real write and remove it again.
+  test_file = os.path.join(probe, f'.coatnet_write_test.{os.getpid()}')
+  try:
+    with open(test_file, 'w') as f:
+      f.write('x')
+    os.remove(test_file)
+  except OSError as e:
+    raise CheckpointError(f'Workdir {workdir} is not writable ({probe}: '
+                          f'{e.strerror or e}).') from e
+  saved = latest_metadata(workdir)
+  if saved is not None:
+    check_compatible(saved, expected, allow_partial, f'Workdir {workdir}')

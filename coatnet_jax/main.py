@@ -1,10 +1,13 @@
 """Entry point: ``python -m coatnet_jax.main --config configs/FILE.py[:ARGS] --workdir DIR``.
 
 Flags only: start the distributed runtime when several processes run, turn on the persistent
-compilation cache (a restart does not compile again), then hand over to ``train``.
+compilation cache (a restart does not compile again), then hand over to ``train``. Errors the
+user must act on (bad config, model, dataset or workdir; a failed save; a NaN) end the process with
+one ``error: ...`` line and exit status 1, never a traceback.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -12,7 +15,12 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from coatnet_jax import checkpointing
 from coatnet_jax import train
+
+# Errors the user must act on: one line on stderr and exit status 1, never a traceback.
+_ONE_LINE_ERRORS = (train.InputError, train.NonFiniteLossError, checkpointing.CheckpointError,
+                    OSError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A configs/*.py file, optionally with ":ARGS"; override fields with '
@@ -48,6 +56,8 @@ class _QuietLibraries:
   """Drops INFO lines from Orbax, which logs every save in detail, so the progress lines show."""
 
   def filter(self, record):
+    if record.name == 'asyncio' and 'never retrieved' in str(record.msg):
+      return False  # Orbax's internal futures of a failed save; the error itself is raised once.
     return record.levelno >= 30 or '/orbax/' not in record.pathname
 
 
@@ -63,8 +73,37 @@ def main(argv):
   _compilation_cache(config)
   logging.info('Process %d of %d; %d local / %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  train.train_and_evaluate(config, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except _ONE_LINE_ERRORS as e:
+    message = ' '.join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError):
+      message = checkpointing.one_line(e)
+    if isinstance(e, checkpointing.CheckpointError):
+      # Orbax's writer threads of a failed save may never end: do not wait for them at exit.
+      sys.stdout.flush()
+      sys.stderr.write(f'error: {message}\n')
+      sys.stderr.flush()
+      os._exit(1)  # pylint: disable=protected-access
+    sys.exit(f'error: {message}')
+
+
+def _parse_flags(argv):
+  """absl's parser, with config flag errors (unknown field, wrong type) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'error: {" ".join(str(e).split())}')
+  except (AttributeError, KeyError) as e:  # config_flags: an override of a field that is absent.
+    field = str(e).strip('"\'')
+    sys.exit(f'error: unknown config field {field!r} in a --config.* override.')
+  except Exception as e:  # pylint: disable=broad-except  # A config file that fails to load.
+    sys.exit(f'error: {type(e).__name__}: {" ".join(str(e).split())}')
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run()

@@ -1,7 +1,13 @@
 """The trainer: one linear loop, read top to bottom.
 
-mesh -> data -> model and optimizer -> abstract init -> shardings -> jit init -> restore -> compile
--> loop (step, progress line, eval, checkpoints, metrics) -> final eval and save.
+inputs checked (nothing written yet) -> mesh -> data -> model and optimizer -> abstract init
+-> shardings -> restore (newest intact checkpoint) or jit init -> compile -> loop (step, progress
+line, eval, checkpoints, preemption) -> final eval and save.
+
+A run is never lost: checkpoints are asynchronous, every K steps, at the end and on SIGTERM or a
+preemption notice (save, wait, return); a resumed run rewinds metrics.jsonl to its step and then
+reproduces the interrupted run bit for bit (the data is a function of (seed, step)); a NaN or Inf
+stops the run naming the step, with nothing non-finite saved.
 
 Every config runs through this same code; the quickstart differs from the ImageNet recipes only in
 its data source and sizes. Steps are ``jax.jit`` with explicit in/out shardings over one
@@ -9,7 +15,10 @@ its data source and sizes. Steps are ``jax.jit`` with explicit in/out shardings 
 because the step is written for the global batch and GSPMD does the reductions.
 """
 
+import json
 import os
+import signal
+import threading
 import time
 from typing import Any, Optional
 
@@ -22,6 +31,7 @@ import numpy as np
 import optax
 
 from coatnet_jax import checkpointing
+from coatnet_jax import cost
 from coatnet_jax import input_pipeline
 from coatnet_jax import losses
 from coatnet_jax import metrics as metrics_lib
@@ -134,11 +144,32 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh):
       ema_params = optim.ema_update(ema_params, params, decay)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, ema_params=ema_params)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The update too: a finite loss with a NaN learning rate would still poison the parameters.
+    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+              & jnp.isfinite(optax.tree.norm(updates)))
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step)}
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+                       'finite': finite}
 
   return train_step
+
+
+def abstract_batch(config, batch: int, num_classes: int, batch_sharding, with_mask=False):
+  """Shapes of one global batch, for ahead-of-time compilation (the trainer and tools.fit)."""
+  size = config.data.image_size
+  label_shape, label_dtype = input_pipeline.label_spec(config.data, num_classes)
+  b = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding),
+       'label': jax.ShapeDtypeStruct((batch,) + label_shape, label_dtype, sharding=batch_sharding)}
+  if with_mask:
+    b['mask'] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
+  return b
+
+
+def jit_train_step(config, model, tx, schedule, num_classes: int, mesh, state_shardings):
+  """The train step jitted over ``mesh`` with a donated, sharded state."""
+  return jax.jit(make_train_step(config, model, tx, schedule, num_classes, mesh),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def make_eval_step(config, model, num_classes: int):
@@ -183,12 +214,7 @@ def evaluate(eval_fn, params, batch_stats, batches, mesh, kind: str) -> dict:
 
 
 def _model_macs(model, image_size) -> Optional[int]:
-  """Counted MACs per image, or None while ``coatnet_jax.cost`` is unavailable."""
-  try:
-    from coatnet_jax import cost  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.warning('coatnet_jax.cost is not available; MFU is not reported.')
-    return None
+  """Counted MACs per image (for MFU), or None if counting fails."""
   try:
     return int(cost.model_macs(model, image_size, batch=1))
   except Exception as e:  # pylint: disable=broad-except
@@ -201,15 +227,105 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _check_finite(pending):
-  """Raises at the first step whose loss is NaN or Inf; ``pending`` is [(step, loss array)]."""
-  values = jax.device_get([l for _, l in pending])
-  for (step, _), value in zip(pending, values):
-    if not np.isfinite(value):
+  """Raises at the first non-finite step; ``pending`` is [(step, loss, finite flag or None)]."""
+  pending = [p if len(p) == 3 else (p[0], p[1], None) for p in pending]
+  values = jax.device_get([(l, f) for _, l, f in pending])
+  for (step, _, _), (value, finite) in zip(pending, values):
+    if not np.isfinite(value) or (finite is not None and not finite):
+      what = f'Loss is {value}' if not np.isfinite(value) else 'The update is not finite'
       raise NonFiniteLossError(
-          f'Loss is {value} at step {step}; stopping. The train state was not updated by that '
+          f'{what} at step {step}; stopping. The train state was not updated by that '
           f'step and nothing non-finite was saved. Lower the learning rate, check the data, or '
           f'resume from the last checkpoint.')
-  return [float(v) for v in values]
+  return [float(v) for v, _ in values]
+
+
+def _clip(text: str, limit: int = 300) -> str:
+  return text if len(text) <= limit else text[:limit] + ' ...'
+
+
+class InputError(ValueError):
+  """A bad config, model, dataset or workdir, found before anything is written; one line."""
+
+
+def check_inputs(config, workdir: str):
+  """Everything that can be checked before the workdir is touched; returns (info, num_classes)."""
+  if config.model.name not in models.VARIANTS:
+    raise InputError(f'Unknown model {config.model.name!r}; valid: {", ".join(models.VARIANTS)}.')
+  try:
+    info = input_pipeline.get_info(config.data)
+  except Exception as e:  # pylint: disable=broad-except
+    raise InputError(f'Dataset {config.data.name!r} (data_dir={config.data.get("data_dir")}): '
+                     f'{_clip(" ".join(str(e).split()) or type(e).__name__)}') from e
+  num_classes = config.get('num_classes') or info.num_classes
+  try:
+    build_model(config, num_classes)
+  except (ValueError, TypeError) as e:
+    raise InputError(str(e)) from e
+  expected = checkpointing.make_metadata(config, num_classes, 0)
+  try:
+    checkpointing.check_workdir(workdir, expected, config.get('allow_partial_load', False))
+  except checkpointing.CheckpointError as e:
+    raise InputError(str(e)) from e
+  return info, num_classes
+
+
+class Preemption:
+  """SIGTERM (and JAX's preemption sync point on multi-process runs) -> save, wait, exit 0.
+
+  One process: a SIGTERM handler sets a flag the loop reads every step. Several processes: JAX's
+  preemption service owns SIGTERM and ``reached_preemption`` makes every process agree on the
+  step, so they all save the same one.
+  """
+
+  def __init__(self):
+    self.signalled = False
+    self._previous = None
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('Received SIGTERM: saving at the end of this step, then exiting.')
+    self.signalled = True
+
+  def reached(self, manager, step: int) -> bool:
+    if jax.process_count() > 1:
+      return bool(manager.reached_preemption(step))
+    return self.signalled
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+def rewind_metrics(workdir: str, step: int) -> None:
+  """Drops metrics.jsonl records after ``step`` (atomically), so a resumed run has no gap and
+  no duplicate: the steps after the restored checkpoint are written again by the resumed run."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() or not os.path.exists(path):
+    return
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # A line cut by kill -9.
+        dropped += 1
+        continue
+      if record.get('step', 0) > step or (record.get('step') == step and
+                                           set(record) == {'step', 'compile_s'}):
+        dropped += 1
+        continue
+      keep.append(line if line.endswith('\n') else line + '\n')
+  if dropped:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logging.info('Resuming at step %d: dropped %d metrics.jsonl records after it.', step, dropped)
 
 
 def write_config(config, workdir):
@@ -220,7 +336,11 @@ def write_config(config, workdir):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains and evaluates as ``config`` says; returns the final eval metrics."""
+  """Trains and evaluates as ``config`` says; returns the final eval metrics.
+
+  Stops early, with a checkpoint, on SIGTERM or a preemption notice; then the result is {}.
+  """
+  info, num_classes = check_inputs(config, workdir)  # Before anything is written.
   write_config(config, workdir)
   pi, pc = jax.process_index(), jax.process_count()
 
@@ -235,8 +355,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ValueError(f'{name}={b} is not divisible by {num_devices} devices.')
 
   # Data.
-  info = input_pipeline.get_info(config.data)
-  num_classes = config.get('num_classes') or info.num_classes
   steps = total_steps(config, info.train_size)
   logging.info('%s: %d train / %d eval examples, %d classes; %d steps of batch %d.',
                config.data.name, info.train_size, info.eval_size, num_classes, steps,
@@ -255,36 +373,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Model %s: %.2fM parameters.', config.model.name, num_params / 1e6)
 
   t0 = time.perf_counter()
-  manager = checkpointing.make_manager(workdir, config.get('keep_checkpoints', 3))
-  state = checkpointing.restore_latest(manager, abstract_state, state_shardings)
+  expected = checkpointing.make_metadata(config, num_classes, 0)
+  state, _ = checkpointing.restore_latest(
+      workdir, abstract_state, state_shardings, expected,
+      allow_partial=config.get('allow_partial_load', False), init_fn=init_fn)
   if state is None:
     state = jax.jit(init_fn, out_shardings=state_shardings)()
   start_step = int(jax.device_get(state.step))
+  best_metric = config.get('best_metric') or ('eval/top1' if config.loss.kind == 'softmax'
+                                              else 'eval/prec@1')
+  manager = checkpointing.make_manager(
+      workdir, config.get('keep_checkpoints', 3), best_metric=best_metric,
+      best_mode=config.get('best_mode', 'max'),
+      async_save=config.get('async_checkpointing', True))
+  rewind_metrics(workdir, start_step)
   logging.info('Train state ready at step %d in %.1f s (%s).', start_step,
                time.perf_counter() - t0, 'restored' if start_step else 'initialised')
 
   # Steps: compiled ahead of time so the compile time is reported once and apart from step time.
   batch_sharding = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
-  train_step = jax.jit(make_train_step(config, model, tx, schedule, num_classes, mesh),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, rep), donate_argnums=(0,))
+  train_step = jit_train_step(config, model, tx, schedule, num_classes, mesh, state_shardings)
   eval_step = jax.jit(make_eval_step(config, model, num_classes),
                       in_shardings=(state_shardings.params, state_shardings.batch_stats,
                                     batch_sharding), out_shardings=rep)
   size = config.data.image_size
 
-  def abstract_batch(batch, with_mask):
-    b = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8, sharding=batch_sharding),
-         'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)}
-    if with_mask:
-      b['mask'] = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
-    return b
-
   t0 = time.perf_counter()
-  train_step = train_step.lower(state, abstract_batch(config.batch_size, False)).compile()
-  eval_step = eval_step.lower(state.params, state.batch_stats,
-                              abstract_batch(eval_batch, True)).compile()
+  train_step = train_step.lower(
+      state, abstract_batch(config, config.batch_size, num_classes, batch_sharding)).compile()
+  eval_step = eval_step.lower(state.params, state.batch_stats, abstract_batch(
+      config, eval_batch, num_classes, batch_sharding, with_mask=True)).compile()
   compile_s = time.perf_counter() - t0
   logging.info('Compiled the train and eval steps in %.1f s.', compile_s)
 
@@ -315,10 +434,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write(step, results)
     return results
 
-  def save(step, pending):
-    _check_finite(pending)
+  saving = []  # The step of the save under way, if any.
+
+  def finish_save():
+    """Waits for the save under way; a failure of it (disk full, ...) stops the run, one line."""
+    try:
+      checkpointing.wait(manager)
+    except checkpointing.CheckpointError as e:
+      raise checkpointing.CheckpointError(
+          f'Saving the checkpoint of step {saving[-1] if saving else "?"} failed; the newest '
+          f'complete one is step {checkpointing.latest_complete_step(workdir)}. {e}') from e
+
+  def save(step, pending, metrics=None):
+    _check_finite(pending)  # Nothing non-finite is ever saved.
     t = time.perf_counter()
-    checkpointing.save(manager, step, state)
+    finish_save()
+    if metrics is not None:
+      metrics = {k: v for k, v in metrics.items() if k == best_metric}
+    try:
+      checkpointing.save(manager, step, state,
+                         checkpointing.make_metadata(config, num_classes, step), metrics or None)
+    except Exception as e:  # pylint: disable=broad-except
+      raise checkpointing.CheckpointError(
+          f'Saving the checkpoint of step {step} failed; the newest complete one is step '
+          f'{checkpointing.latest_complete_step(workdir)}. {checkpointing.one_line(e)}') from e
+    saving.append(step)
     return time.perf_counter() - t
 
   # The loop.
@@ -327,42 +467,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                              start_step=start_step)
   log_every = config.get('log_every_steps', 100)
   profile_steps, profile_start = config.get('profile_steps', 0), start_step + 3
-  pending = []  # (step, loss) since the last check: losses stay on device until a report.
+  pending = []  # (step, loss, finite) since the last check: they stay on device until a report.
+  preemption = Preemption()
   throughput.start(start_step)
   logging.info('Training from step %d to %d.', start_step, steps)
-  for step in range(start_step + 1, steps + 1):
-    if profile_steps and step == profile_start and pi == 0:
-      jax.profiler.start_trace(os.path.join(workdir, 'profile'))
-    state, m = train_step(state, sharding.global_batch(next(train_iter), mesh))
-    pending.append((step, m['loss']))
-    if profile_steps and step == profile_start + profile_steps and pi == 0:
-      jax.block_until_ready(m['loss'])
-      jax.profiler.stop_trace()
-      logging.info('Wrote a profiler trace of %d steps to %s/profile.', profile_steps, workdir)
+  try:
+    for step in range(start_step + 1, steps + 1):
+      if profile_steps and step == profile_start and pi == 0:
+        jax.profiler.start_trace(os.path.join(workdir, 'profile'))
+      state, m = train_step(state, sharding.global_batch(next(train_iter), mesh))
+      pending.append((step, m['loss'], m['finite']))
+      if profile_steps and step == profile_start + profile_steps and pi == 0:
+        jax.block_until_ready(m['loss'])
+        jax.profiler.stop_trace()
+        logging.info('Wrote a profiler trace of %d steps to %s/profile.', profile_steps, workdir)
 
-    if step % log_every == 0 or step == steps:
-      window = _check_finite(pending)
-      pending = []
-      m = jax.device_get(m)
-      report = {'loss': float(np.mean(window)), 'lr': float(m['lr']),
-                'grad_norm': float(m['grad_norm'])}
-      report.update(throughput.report(step))
-      logging.info('%s', metrics_lib.progress_line(step, steps, report))
-      writer.write(step, {f'train/{k}': v for k, v in report.items()})
+      if step % log_every == 0 or step == steps:
+        window = _check_finite(pending)
+        pending = []
+        m = jax.device_get(m)
+        report = {'loss': float(np.mean(window)), 'lr': float(m['lr']),
+                  'grad_norm': float(m['grad_norm'])}
+        report.update(throughput.report(step))
+        logging.info('%s', metrics_lib.progress_line(step, steps, report))
+        writer.write(step, {f'train/{k}': v for k, v in report.items()})
 
-    t = time.perf_counter()
-    excluded = 0.0
-    if config.get('eval_every_steps') and step % config.eval_every_steps == 0 and step != steps:
-      run_eval(step)
-      excluded = time.perf_counter() - t
-    if config.get('checkpoint_every_steps') and step % config.checkpoint_every_steps == 0:
-      excluded += save(step, pending)
-    throughput.exclude(excluded)
+      t = time.perf_counter()
+      excluded, results = 0.0, None
+      if config.get('eval_every_steps') and step % config.eval_every_steps == 0 and step != steps:
+        results = run_eval(step)
+        excluded = time.perf_counter() - t
+      if config.get('checkpoint_every_steps') and step % config.checkpoint_every_steps == 0:
+        excluded += save(step, pending, results)
+      throughput.exclude(excluded)
+      if step != steps and preemption.reached(manager, step):
+        t = time.perf_counter()
+        if manager.latest_step() != step:
+          save(step, pending)
+        finish_save()
+        logging.warning('Preempted: saved step %d in %.1f s; exiting. Rerun the same command to '
+                        'resume.', step, time.perf_counter() - t)
+        preemption.close()
+        manager.close()
+        writer.close()
+        return {}
+  except BaseException:
+    # Let a save already under way (of a good state) finish before the error propagates.
+    try:
+      manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    preemption.close()
+    raise
 
   results = run_eval(steps)
   if manager.latest_step() != steps:
-    save(steps, pending)
-  manager.wait_until_finished()
+    save(steps, pending, results)
+  finish_save()
+  preemption.close()
   manager.close()
   writer.close()
   return results

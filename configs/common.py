@@ -85,7 +85,12 @@ def get_base_config():
   c.log_every_steps = 100
   c.eval_every_steps = 5000
   c.checkpoint_every_steps = 5000
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3  # The latest N, plus the best by best_metric.
+  c.best_metric = ml_collections.FieldReference(None, field_type=str)  # None: top1 or prec@1.
+  c.best_mode = 'max'
+  c.async_checkpointing = True
+  # Load a checkpoint of another architecture: only leaves whose path and shape match.
+  c.allow_partial_load = False
   c.profile_steps = 0  # > 0: trace this many steps after warm-up into workdir/profile.
   c.tensorboard = True
   c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache.

@@ -78,7 +78,11 @@ def test_resume_from_checkpoint_matches_and_hits_compile_cache(smoke):
   # Drop the final checkpoint: the restart restores step 60 and must reproduce steps 61..80.
   shutil.rmtree(os.path.join(workdir, 'checkpoints', '80'))
   _run(args)
-  rows = _metrics(workdir)[len(first):]
+  # The resumed run rewinds metrics.jsonl to step 60, then logs its compile time and steps 61..80.
+  after = _metrics(workdir)
+  restart = max(i for i, r in enumerate(after) if 'compile_s' in r)
+  rows = after[restart:]
+  assert [r['step'] for r in after[:restart]] == [r['step'] for r in first if r['step'] <= 60]
   assert rows[0]['step'] == 60 and rows[0]['compile_s'] < 0.5 * first[0]['compile_s']
   loss_80 = [r['train/loss'] for r in first if r['step'] == 80 and 'train/loss' in r]
   again_80 = [r['train/loss'] for r in rows if r['step'] == 80 and 'train/loss' in r]

@@ -58,7 +58,7 @@ def main(workdir, mesh):
   schedule, tx = train.build_optimizer(config, 1438)
   abstract = jax.eval_shape(train.make_init_fn(config, model, tx))
   shardings = sharding.tree_shardings(abstract, m, config.sharding)
-  state = checkpointing.restore_latest(checkpointing.make_manager(workdir), abstract, shardings)
+  state, _ = checkpointing.restore_latest(workdir, abstract, shardings)
   sharded = [optim.path_str(p) for (p, _), s in zip(
       jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(shardings.params))
              if any(x is not None for x in s.spec)]

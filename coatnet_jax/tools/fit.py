@@ -117,16 +117,10 @@ def bytes_per_device(tree, shardings) -> int:
 def compile_train_step(config, mesh, batch_size: int, num_classes: int, train_size: int) -> Fit:
   """Lowers and compiles the trainer's step for ``mesh``; returns its per-device memory."""
   model, schedule, tx, state, shardings = abstract_state(config, mesh, num_classes, train_size)
-  batch_sharding = sharding.batch_sharding(mesh)
-  size = config.data.image_size
-  batch = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.uint8,
-                                         sharding=batch_sharding),
-           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sharding)}
+  batch = train.abstract_batch(config, batch_size, num_classes, sharding.batch_sharding(mesh))
   state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           state, shardings)
-  step = jax.jit(train.make_train_step(config, model, tx, schedule, num_classes, mesh),
-                 in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
+  step = train.jit_train_step(config, model, tx, schedule, num_classes, mesh, shardings)
   t0 = time.perf_counter()
   m = step.lower(state_in, batch).compile().memory_analysis()
   compile_s = time.perf_counter() - t0
