@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from coatnet_jax import optim
+
 # Bump when the parameter tree a (variant, switches, num_classes) builds changes meaning.
 ARCHITECTURE_VERSION = 1
 CHECKPOINTS = 'checkpoints'
@@ -184,16 +186,6 @@ def check_compatible(saved: dict, expected: dict, allow_partial: bool, where: st
   logging.warning('Partial load: %s', message)
 
 
-def _path(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '/'.join(parts)
-
-
 def _set_aside(workdir: str, step: int, why: str) -> None:
   """Moves a damaged step out of Orbax's sight (process 0); nothing is deleted."""
   logging.warning('Checkpoint step %d in %s is damaged (%s); falling back to an older one. '
@@ -273,7 +265,7 @@ def _partial_restore(reader, step, init_fn, shardings):
   if init_fn is None:
     raise CheckpointError('A partial load needs the init function of the new state.')
   meta = reader.item_metadata(step)['state']
-  saved_shapes = {_path(p): tuple(m.shape) for p, m in
+  saved_shapes = {optim.path_str(p): tuple(m.shape) for p, m in
                   jax.tree_util.tree_flatten_with_path(
                       meta, is_leaf=lambda x: hasattr(x, 'shape'))[0]}
   first = jax.tree.leaves(shardings)[0]
@@ -284,12 +276,12 @@ def _partial_restore(reader, step, init_fn, shardings):
       is_leaf=lambda x: hasattr(x, 'shape'))
   saved = reader.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(saved_target)))['state']
-  saved_flat = {_path(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  saved_flat = {optim.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
   fresh = jax.jit(init_fn, out_shardings=shardings)()
   loaded, skipped = [], []
 
   def pick(path, leaf, sharding):
-    key = _path(path)
+    key = optim.path_str(path)
     if key in saved_flat and saved_shapes.get(key) == tuple(leaf.shape):
       loaded.append(key)
       return jax.device_put(np.asarray(saved_flat[key]).astype(leaf.dtype), sharding)
