@@ -25,7 +25,7 @@ import re
 import shutil
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from absl import logging
 import jax
