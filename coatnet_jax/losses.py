@@ -6,6 +6,7 @@ the same on any number of devices (the batch is mixed with itself reversed, acro
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -26,6 +27,18 @@ def per_example_loss(logits, targets, kind: str):
   if kind == 'sigmoid':
     return optax.sigmoid_binary_cross_entropy(logits, targets).sum(axis=-1)
   raise ValueError(f'Unknown loss {kind!r}: softmax or sigmoid.')
+
+
+def balanced_class_weights(counts) -> np.ndarray:
+  """Per-class loss weights n_samples / (n_classes * count_c) from per-class example counts, as
+  scikit-learn's ``compute_class_weight('balanced')``: the weighted mean over the training set
+  stays 1, so learning rates need no change. Classes with no examples get weight 0 and are not
+  counted in n_classes (scikit-learn on the classes present)."""
+  counts = np.asarray(counts, np.float64)
+  present = counts > 0
+  if not present.any():
+    raise ValueError('Class-balanced weights need examples: every class count is 0.')
+  return np.where(present, counts.sum() / (present.sum() * np.where(present, counts, 1.0)), 0.0)
 
 
 def _cutmix_box_mask(rng, height, width, lam):

@@ -52,3 +52,17 @@ def test_no_mixing_is_identity():
   x, y = _batch()
   mx, my = losses.mix(jax.random.key(0), x, y, 0.0, 0.0)
   assert mx is x and my is y
+
+
+def test_balanced_class_weights_match_sklearn():
+  from sklearn.utils.class_weight import compute_class_weight  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for counts in ([30, 10], [5, 0, 12, 1], rng.integers(1, 50, 7)):
+    counts = np.asarray(counts)
+    y = np.repeat(np.arange(len(counts)), counts)
+    present = np.flatnonzero(counts)
+    want = np.zeros(len(counts))
+    want[present] = compute_class_weight('balanced', classes=present, y=y)
+    np.testing.assert_allclose(losses.balanced_class_weights(counts), want, rtol=1e-12)
+  with pytest.raises(ValueError, match='every class count is 0'):
+    losses.balanced_class_weights([0, 0])
