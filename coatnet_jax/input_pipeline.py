@@ -49,6 +49,7 @@ class DatasetInfo:
   train_size: int
   eval_size: int
   skipped_images: int = 0  # Undecodable images left out of the splits (logged by name).
+  class_names: tuple = ()  # Label i's name, for per-class metrics; () where the data has none.
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
@@ -209,11 +210,24 @@ def _tf_eval(config, global_batch, process_index, process_count):
 def get_info(config) -> DatasetInfo:
   """Classes and split sizes; ``config`` is ``config.data``."""
   if config.name == 'digits':
-    return DatasetInfo(10, len(_digits_arrays(8, 'train')[1]), len(_digits_arrays(8, 'test')[1]))
+    return DatasetInfo(10, len(_digits_arrays(8, 'train')[1]), len(_digits_arrays(8, 'test')[1]),
+                       class_names=tuple(str(d) for d in range(10)))
   source = _source(config)
   train_size, eval_size = source.size(config.train_split), source.size(config.eval_split)
   skipped = sum(getattr(source, 'skipped', {}).values())
-  return DatasetInfo(source.num_classes, train_size, eval_size, skipped)
+  return DatasetInfo(source.num_classes, train_size, eval_size, skipped,
+                     tuple(getattr(source, 'classes', ())))
+
+
+def train_label_counts(config) -> np.ndarray:
+  """Examples per class in the train split (for class-balanced loss weights); ``config.data``."""
+  if config.name == 'digits':
+    return np.bincount(_digits_arrays(8, 'train')[1], minlength=10)
+  source = _source(config)
+  if not hasattr(source, 'label_counts'):
+    raise ValueError(f'Class weights need per-class counts, which {config.name!r} data does not '
+                     f'give; use class folders (data.name=folders) or drop loss.class_weights.')
+  return source.label_counts(config.train_split)
 
 
 def label_spec(config, num_classes: int):

@@ -716,3 +716,18 @@ def test_padding_switch_reaches_the_model(padding, stem_pads):
                  and tuple(e.params['window_strides']) == (2, 2)
                  and tuple(e.invars[1].aval.shape[:2]) == (3, 3)]
   assert strided_3x3 == [stem_pads]  # pico with the default mbconv_stride: only the stem
+
+
+@pytest.mark.parametrize('size', [80, 120, 160, 100, 72, 250, (120, 80)], ids=str)
+def test_transfer_sizes_from_224(size):
+  """GasHisSDB-like sizes (issue 8): variables made at 224 are resized and applied; pico runs,
+  CoAtNet-0 is traced. Batch 1 at 80 and 120 shares the compiles above."""
+  h, w = (size, size) if isinstance(size, int) else size
+  x = images((1, h, w, 3), seed=20)
+  variables = resize_variables(pico(), pico_variables(224, 224), size)
+  logits = forward(pico(), False)(variables, x, jax.random.key(0))
+  assert logits.shape == (1, NUM_CLASSES) and np.all(np.isfinite(np.asarray(logits)))
+  model = models.get_model('coatnet_0', 2)
+  shape = jax.eval_shape(lambda v, x: model.apply(resize_variables(model, v, size), x),
+                         variable_shapes(model, 224, 224), x)
+  assert shape.shape == (1, 2) and shape.dtype == F32

@@ -1,13 +1,25 @@
-"""A directory of class sub-folders, for a user's own small data.
+"""A directory of class sub-folders, for a user's own small data, in one of two layouts.
 
   DATA_DIR/train/<class name>/<image>   (any names; JPEG, PNG, GIF, BMP by content)
   DATA_DIR/val/<class name>/<image>
 
 ``data.name = 'folders'``, ``data.train_split = 'train'``, ``data.eval_split = 'val'`` (the
 sub-directory names). Classes are the sorted sub-folder names of the train split, label i for the
-i-th; the eval split may lack some classes but may not add new ones. Each process takes an even,
-contiguous part of a fixed (seed 0) shuffle of the sorted file list; each training epoch is a
-permutation of that part drawn from (seed, epoch), by index.
+i-th; the eval split may lack some classes but may not add new ones.
+
+  DATA_DIR/<class name>/<image>         (no split folders, as GasHisSDB and most small sets ship)
+
+When DATA_DIR/<train_split> does not exist and DATA_DIR has no folder named train, val,
+validation or test, the sub-folders of DATA_DIR are the classes and the splits are 'train', 'val'
+and 'test', drawn by a stable hash of each image's path relative to DATA_DIR ('<class>/<name>'):
+bucket = int(sha256(relpath).hexdigest(), 16) % 100 and, with ``data.split_percent = (80, 10,
+10)`` (the default), buckets [0, 80) are train, [80, 90) val and [90, 100) test. A file's split
+depends on its own path only: adding or removing other files, or moving DATA_DIR, moves nothing
+between splits, so a test set stays unseen as the data grows.
+
+In either layout each process takes an even, contiguous part of a fixed (seed 0) shuffle of the
+sorted file list; each training epoch is a permutation of that part drawn from (seed, epoch), by
+index.
 
 Every image is decoded once when a split is first listed (small data: seconds); files that do not
 decode (truncated, not an image) are left out of the split, logged by name and counted
@@ -16,6 +28,7 @@ depend on failures at training time. CMYK and grey JPEGs and PNG bytes under a .
 decode fine and stay.
 """
 
+import hashlib
 import os
 
 from absl import logging
@@ -26,7 +39,32 @@ from coatnet_jax.data import DataNotFoundError
 from coatnet_jax.data import transforms
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.gif', '.bmp')
-LAYOUT = 'DATA_DIR/<split>/<class>/<image files>'
+LAYOUT = 'DATA_DIR/<split>/<class>/<image files> or DATA_DIR/<class>/<image files>'
+SPLIT_FOLDERS = ('train', 'val', 'validation', 'test')
+HASH_SPLITS = ('train', 'val', 'test')  # The splits of the flat layout, in bucket order.
+
+
+def _images(folder):
+  return [n for n in sorted(tf.io.gfile.listdir(folder)) if n.lower().endswith(EXTENSIONS)]
+
+
+def bucket(relpath: str) -> int:
+  """The flat layout's stable hash bucket in [0, 100) of a path relative to DATA_DIR."""
+  return int(hashlib.sha256(relpath.encode('utf-8')).hexdigest(), 16) % 100
+
+
+def _is_flat(root, split):
+  return not any(tf.io.gfile.isdir(os.path.join(root, d)) for d in (split,) + SPLIT_FOLDERS)
+
+
+def _split_ranges(percent):
+  """{'train': (0, 80), 'val': (80, 90), 'test': (90, 100)} from ``data.split_percent``."""
+  percent = tuple(int(p) for p in percent)
+  if len(percent) != len(HASH_SPLITS) or min(percent) < 0 or sum(percent) != 100:
+    raise ValueError(f'data.split_percent={percent} must be three percentages (train, val, '
+                     'test) that add up to 100.')
+  ends = np.cumsum((0,) + percent)
+  return {s: (int(ends[i]), int(ends[i + 1])) for i, s in enumerate(HASH_SPLITS)}
 
 
 def _classes(root):
@@ -60,25 +98,46 @@ class Source:
   def __init__(self, config):
     self.config = config
     self.root = config.get('data_dir') or ''
-    self.classes = _classes(os.path.join(self.root, config.train_split))
+    self.flat = _is_flat(self.root, config.train_split)
+    self._ranges = _split_ranges(config.get('split_percent', (80, 10, 10))) if self.flat else None
+    self.classes = _classes(self.root if self.flat else
+                            os.path.join(self.root, config.train_split))
     self.num_classes = len(self.classes)
-    self._lists = _LISTS.setdefault(self.root, {})
-    self.skipped = _SKIPPED.setdefault(self.root, {})
+    key = (self.root, tuple(self._ranges.values()) if self.flat else None)
+    self._lists = _LISTS.setdefault(key, {})
+    self.skipped = _SKIPPED.setdefault(key, {})
+
+  def _listing(self, split):
+    """(paths, labels) of every image file of ``split``, in sorted order, before decoding."""
+    paths, labels = [], []
+    if self.flat:
+      if split not in self._ranges:
+        raise DataNotFoundError(f'{self.root} has no split folders, so its splits are drawn by '
+                                f'hash: split {split!r} is not one of {", ".join(HASH_SPLITS)}.')
+      lo, hi = self._ranges[split]
+      for label, c in enumerate(self.classes):
+        for name in _images(os.path.join(self.root, c)):
+          if lo <= bucket(f'{c}/{name}') < hi:
+            paths.append(os.path.join(self.root, c, name))
+            labels.append(label)
+      return paths, labels
+    root = os.path.join(self.root, split)
+    index = {c: i for i, c in enumerate(self.classes)}
+    for c in _classes(root):
+      if c not in index:
+        raise ValueError(f'{root}/{c} is not a class of the train split.')
+      for name in _images(os.path.join(root, c)):
+        paths.append(os.path.join(root, c, name))
+        labels.append(index[c])
+    return paths, labels
 
   def files(self, split):
     if split not in self._lists:
-      root = os.path.join(self.root, split)
-      index = {c: i for i, c in enumerate(self.classes)}
-      paths, labels = [], []
-      for c in _classes(root):
-        if c not in index:
-          raise ValueError(f'{root}/{c} is not a class of the train split.')
-        for name in sorted(tf.io.gfile.listdir(os.path.join(root, c))):
-          if name.lower().endswith(EXTENSIONS):
-            paths.append(os.path.join(root, c, name))
-            labels.append(index[c])
+      root = self.root if self.flat else os.path.join(self.root, split)
+      paths, labels = self._listing(split)
       if not paths:
-        raise DataNotFoundError(f'{root} holds no images; lay out images as {LAYOUT}.')
+        raise DataNotFoundError(f'{root} holds no images for split {split!r}; lay out images as '
+                                f'{LAYOUT}.')
       paths, labels = np.array(paths), np.array(labels, np.int32)
       good = _decodable(paths)
       for p in paths[~good]:
@@ -94,6 +153,10 @@ class Source:
 
   def size(self, split):
     return len(self.files(split)[0])
+
+  def label_counts(self, split) -> np.ndarray:
+    """Examples per class among the decodable files of ``split``, for class-balanced weights."""
+    return np.bincount(self.files(split)[1], minlength=self.num_classes)
 
   def _local(self, split, process_index, process_count):
     paths, labels = self.files(split)
