@@ -61,17 +61,22 @@ def architecture_id(config, num_classes: int) -> str:
   from coatnet_jax import models  # pylint: disable=g-import-not-at-top
   m = config.model
   desc = {'variant': dataclasses.asdict(models.VARIANTS[m.name]),
-          'switches': {k: v for k, v in sorted(dict(m.get('switches', {})).items())},
+          # Resolved options: a switch set to its default names the same model as one left out.
+          'switches': dataclasses.asdict(dataclasses.replace(models.Options(),
+                                                             **dict(m.get('switches', {})))),
           'num_classes': int(num_classes), 'version': ARCHITECTURE_VERSION}
   blob = json.dumps(desc, sort_keys=True, default=str).encode()
   return f'v{ARCHITECTURE_VERSION}-{hashlib.sha256(blob).hexdigest()[:16]}'
 
 
-def make_metadata(config, num_classes: int, step: int) -> dict:
-  return {'model': config.model.name, 'architecture': architecture_id(config, num_classes),
+def make_metadata(config, num_classes: int, step: int, class_names=()) -> dict:
+  meta = {'model': config.model.name, 'architecture': architecture_id(config, num_classes),
           'num_classes': int(num_classes), 'step': int(step),
           'data_position': int(step),  # The input pipelines are pure functions of (seed, step).
           'config': json.loads(config.to_json_best_effort())}
+  if class_names:  # The dataset's names of labels 0..N-1 (class folders), for predictions.
+    meta['class_names'] = [str(n) for n in class_names]
+  return meta
 
 
 def make_manager(workdir: str, keep: int = 3, best_metric: Optional[str] = None,
@@ -91,6 +96,18 @@ def make_manager(workdir: str, keep: int = 3, best_metric: Optional[str] = None,
 
 def _handlers():
   return {'state': ocp.StandardCheckpointHandler(), 'metadata': ocp.JsonCheckpointHandler()}
+
+
+def save_variables(workdir: str, config, variables: dict, num_classes: int,
+                   class_names=()) -> None:
+  """Writes a model-only checkpoint (step 0: params, batch_stats; no optimizer) that
+  ``config.init.path``, ``evaluate``, ``tools.export`` and ``predict`` accept."""
+  manager = make_manager(workdir, keep=1, async_save=False)
+  state = {'step': np.zeros((), np.int32), 'params': variables['params'],
+           'batch_stats': variables.get('batch_stats') or {}}
+  save(manager, 0, state, make_metadata(config, num_classes, 0, class_names))
+  wait(manager)
+  manager.close()
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, metadata: dict,

@@ -74,6 +74,9 @@ def get_base_config():
   c.loss.mixup_alpha = 0.0
   c.loss.cutmix_alpha = 0.0
   c.loss.switch_prob = 0.5
+  # 'balanced': weight each example's loss by n / (classes * count of its class) in the train
+  # split (scikit-learn's 'balanced'), for imbalanced class folders; '' : unweighted.
+  c.loss.class_weights = ''
 
   c.ema = ml_collections.ConfigDict({'decay': 0.0, 'warmup': True})  # decay 0: no EMA.
 
@@ -81,6 +84,18 @@ def get_base_config():
   c.sharding = ml_collections.ConfigDict()
   c.sharding.min_size = 2**18  # Smaller arrays are replicated.
   c.sharding.rules = ()  # ((regex, spec), ...), e.g. (('relative_bias', ()),) to replicate.
+
+  # Start from another run's model (fine-tuning; coatnet_jax/pretrained.py): its workdir, a step of
+  # it (0: the newest), and whether to take its EMA weights when it has them. A run that has
+  # checkpoints of its own resumes from them and never reads init again.
+  c.init = ml_collections.ConfigDict()
+  c.init.path = ml_collections.FieldReference(None, field_type=str)
+  c.init.step = 0
+  c.init.use_ema = True
+
+  # Accuracy, precision, recall, F1 (binary for 2 classes, else macro), ROC AUC (2 classes) and the
+  # confusion matrix at every eval, for few-class tasks: the C x C matrix is summed on the device.
+  c.classification_metrics = False
 
   c.log_every_steps = 100
   c.eval_every_steps = 5000

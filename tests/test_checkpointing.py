@@ -40,6 +40,9 @@ def test_architecture_id_tracks_variant_switches_and_classes():
   d = quickstart.get_config()
   d.model.name = 'coatnet_0'
   assert a != checkpointing.architecture_id(d, 10)
+  e = quickstart.get_config()
+  e.model.switches.pool = 'max'  # The default, spelled out: the same model, the same id.
+  assert a == checkpointing.architecture_id(e, 10)
   meta = checkpointing.make_metadata(c, 10, 7)
   assert meta['data_position'] == 7 and meta['config']['model']['name'] == 'coatnet_pico'
 

@@ -26,8 +26,8 @@ TIMM_MODELS = {
     'coatnet_4_224': 'coatnet_4',
     'coatnet_5_224': 'coatnet_5',
 }
-_TIMM_HEAD_SIZE = 32  # timm uses 32 for every size, CoAtNet-5 included (the paper: 64).
-_TIMM_IMAGE_SIZE = 224
+TIMM_HEAD_SIZE = 32  # timm uses 32 for every size, CoAtNet-5 included (the paper: 64).
+TIMM_IMAGE_SIZE = 224
 
 _BLOCK = {  # timm module inside a block -> ours
     'shortcut.expand': 'shortcut_proj', 'pre_norm': 'pre_norm', 'conv1_1x1': 'expand_conv',
@@ -81,10 +81,10 @@ def from_timm(state_dict, model_name: str):
   """
   if model_name not in TIMM_MODELS:
     raise ValueError(f'Unknown timm model {model_name!r}; supported: {", ".join(TIMM_MODELS)}.')
-  variant = dataclasses.replace(VARIANTS[TIMM_MODELS[model_name]], head_size=_TIMM_HEAD_SIZE)
+  variant = dataclasses.replace(VARIANTS[TIMM_MODELS[model_name]], head_size=TIMM_HEAD_SIZE)
   num_classes = int(np.shape(state_dict['head.fc.weight'])[0])
   model = CoAtNet(variant, num_classes, TIMM_OPTIONS)
-  images = jax.ShapeDtypeStruct((1, _TIMM_IMAGE_SIZE, _TIMM_IMAGE_SIZE, 3), jnp.float32)
+  images = jax.ShapeDtypeStruct((1, TIMM_IMAGE_SIZE, TIMM_IMAGE_SIZE, 3), jnp.float32)
   target = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)
   want = {(c,) + k: v.shape for c in target
           for k, v in flax.traverse_util.flatten_dict(target[c]).items()}

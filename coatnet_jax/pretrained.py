@@ -1,0 +1,190 @@
+"""Pre-trained weights in: another run's (or an imported model's) parameters, fitted to this run.
+
+``config.init.path`` names a workdir of any earlier run (pre-training, or
+``tools.import_timm --out``), its ``checkpoints`` directory, or one step directory of it. Only the
+model is read: ``params`` (or the EMA parameters, when the source kept them and
+``config.init.use_ema``) and ``batch_stats``; never its optimizer, step or data position, because a
+fine-tune starts its own schedule at step 0 (paper Sec. 4.1).
+
+Fitting (``adapt``), as the paper's fine-tuning at 384 and 512 does: every relative-bias table is
+resized to the new resolution by bilinear interpolation (``models.resize_variables``), and the
+classifier is kept when the class count is the same, else replaced by a zero-initialised one (for
+example 21,841 -> 1,000). Every other leaf must match in path and shape: the source must be the same
+variant with the same architecture switches, which is checked before anything is written.
+
+The same reader serves ``evaluate``, ``tools.export`` and ``predict``, which take a workdir too.
+"""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+from absl import logging
+import flax
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from coatnet_jax import checkpointing
+from coatnet_jax import models
+
+HEAD = 'classifier'  # The one module whose shape follows the class count.
+
+
+class InitError(ValueError):
+  """A pre-trained source that cannot serve this run; the message is one line."""
+
+
+@dataclasses.dataclass
+class Pretrained:
+  variables: dict  # {'params': ..., 'batch_stats': ...} of numpy arrays.
+  metadata: dict  # The source checkpoint's metadata (model, architecture, classes, config, ...).
+  step: int
+  path: str  # The step directory read.
+  weights: str  # 'ema' or 'params': which parameters were read.
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.metadata['num_classes'])
+
+  @property
+  def config(self) -> ml_collections.ConfigDict:
+    """The source run's config (as saved: plain values)."""
+    return ml_collections.ConfigDict(self.metadata.get('config') or {})
+
+
+def locate(path: str, step: Optional[int] = None) -> tuple[str, int]:
+  """(workdir, step) of the checkpoint ``path`` names: the newest intact step unless ``step``."""
+  path = os.path.abspath(path.rstrip('/'))
+  base = os.path.basename(path)
+  if base.isdigit() and os.path.basename(os.path.dirname(path)) == checkpointing.CHECKPOINTS:
+    workdir, step = os.path.dirname(os.path.dirname(path)), step or int(base)
+  elif base == checkpointing.CHECKPOINTS:
+    workdir = os.path.dirname(path)
+  else:
+    workdir = path
+  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
+    raise InitError(f'{path} holds no checkpoints (no {checkpointing.CHECKPOINTS}/ directory); '
+                    f'give the workdir of a finished run or the --out directory of '
+                    f'python -m coatnet_jax.tools.import_timm.')
+  if not step:
+    step = checkpointing.latest_complete_step(workdir)
+    if step is None:
+      raise InitError(f'{checkpointing.checkpoint_dir(workdir)} holds no complete checkpoint.')
+  step_dir = os.path.join(checkpointing.checkpoint_dir(workdir), str(step))
+  if not os.path.isdir(step_dir):
+    raise InitError(f'{workdir} has no checkpoint of step {step}.')
+  return workdir, int(step)
+
+
+def read_metadata(path: str, step: Optional[int] = None) -> tuple[dict, str, int]:
+  """(metadata, workdir, step) without reading any array."""
+  workdir, step = locate(path, step)
+  try:
+    return checkpointing.read_metadata(workdir, step), workdir, step
+  except (OSError, ValueError) as e:
+    raise InitError(f'Unreadable metadata of step {step} in {workdir}: '
+                    f'{checkpointing.one_line(e)}') from e
+
+
+def read(path: str, step: Optional[int] = None, use_ema: bool = True) -> Pretrained:
+  """The model variables of a checkpoint, as numpy arrays on the host (every process reads)."""
+  metadata, workdir, step = read_metadata(path, step)
+  state_dir = os.path.join(checkpointing.checkpoint_dir(workdir), str(step), 'state')
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  try:
+    saved = checkpointer.metadata(state_dir).item_metadata.tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise InitError(f'Unreadable checkpoint {state_dir}: {checkpointing.one_line(e)}') from e
+  is_leaf = lambda x: hasattr(x, 'shape')  # pylint: disable=unnecessary-lambda-assignment
+  weights = 'ema' if use_ema and _has_arrays(saved.get('ema_params')) else 'params'
+  wanted = {'params': saved['ema_params' if weights == 'ema' else 'params'],
+            'batch_stats': saved.get('batch_stats') or {}}
+  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted, is_leaf=is_leaf)
+  item = {'ema_params' if weights == 'ema' else 'params': item['params'],
+          'batch_stats': item['batch_stats']}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  try:
+    out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise InitError(f'Reading {state_dir} failed: {checkpointing.one_line(e)}') from e
+  variables = {'params': out['ema_params' if weights == 'ema' else 'params'],
+               'batch_stats': out.get('batch_stats') or {}}
+  return Pretrained(variables, metadata, step, os.path.dirname(state_dir), weights)
+
+
+def _has_arrays(tree) -> bool:
+  return bool(jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, 'shape')))
+
+
+def _switches(model_config) -> dict:
+  """The switches that change the function; BatchNorm's momentum only changes training."""
+  out = dataclasses.asdict(dataclasses.replace(models.Options(),
+                                               **dict(model_config.get('switches') or {})))
+  del out['bn_momentum']
+  return out
+
+
+def check_compatible(metadata: dict, config, where: str) -> None:
+  """Refuses (one line) a source of another variant or other switches; class counts may differ."""
+  saved_model = metadata.get('model')
+  saved_switches = _switches(ml_collections.ConfigDict(
+      (metadata.get('config') or {}).get('model') or {}))
+  want_switches = _switches(config.model)
+  if saved_model == config.model.name and saved_switches == want_switches:
+    return
+  diff = {k: (saved_switches[k], want_switches[k]) for k in want_switches
+          if saved_switches[k] != want_switches[k]}
+  raise InitError(
+      f'{where} holds {saved_model!r} but this config builds {config.model.name!r}'
+      + (f'; switches differ (saved, config): {diff}' if diff else '')
+      + '. Use the same variant and switches as the source (weights imported from timm need '
+        'the :timm config argument).')
+
+
+def adapt(pre: Pretrained, model, image_size, num_classes: int) -> dict:
+  """``pre.variables`` fitted to ``model`` at ``image_size``: tables resized, head kept or new."""
+  params = flax.traverse_util.flatten_dict(pre.variables['params'])
+  if num_classes != pre.num_classes:
+    kernel = params[(HEAD, 'kernel')]
+    params[(HEAD, 'kernel')] = np.zeros((kernel.shape[0], num_classes), kernel.dtype)
+    params[(HEAD, 'bias')] = np.zeros((num_classes,), params[(HEAD, 'bias')].dtype)
+    logging.info('New zero-initialised head: %d -> %d classes.', pre.num_classes, num_classes)
+  variables = {'params': flax.traverse_util.unflatten_dict(params),
+               'batch_stats': pre.variables['batch_stats']}
+  try:
+    out = models.resize_variables(model, variables, image_size)
+  except ValueError as e:
+    raise InitError(f'The checkpoint in {pre.path} does not fit this model: {e}') from e
+  resized = sum(a.shape != b.shape for a, b in zip(
+      jax.tree.leaves(variables['params']), jax.tree.leaves(out['params'])))
+  if resized:
+    logging.info('Resized %d relative-bias tables to %s px (bilinear).', resized, image_size)
+  return out
+
+
+def warm_start(state: Any, config, model, num_classes: int, shardings: Any):
+  """A fresh train state whose model (and EMA) comes from ``config.init.path``."""
+  init = config.init
+  pre = read(init.path, init.get('step') or None, init.get('use_ema', True))
+  check_compatible(pre.metadata, config, init.path)
+  variables = adapt(pre, model, config.data.image_size, num_classes)
+  params = _put(variables['params'], state.params, shardings.params)
+  batch_stats = _put(variables['batch_stats'], state.batch_stats, shardings.batch_stats)
+  ema = None
+  if state.ema_params is not None:
+    ema = _put(variables['params'], state.ema_params, shardings.ema_params)
+  logging.info('Fine-tuning from %s (step %d, %s weights, %d classes).', pre.path, pre.step,
+               pre.weights, pre.num_classes)
+  return state.replace(params=params, batch_stats=batch_stats, ema_params=ema)
+
+
+def _put(values, like, shardings):
+  """``values`` (numpy) placed like ``like`` (same tree, dtypes and shardings)."""
+  try:
+    return jax.tree.map(lambda v, l, s: jax.device_put(np.asarray(v, l.dtype), s),
+                        values, like, shardings)
+  except ValueError as e:
+    raise InitError(f'The pre-trained variables do not match this model: {e}') from e
