@@ -32,12 +32,14 @@ import optax
 
 from coatnet_jax import checkpointing
 from coatnet_jax import cost
+from coatnet_jax import eval_metrics
 from coatnet_jax import input_pipeline
 from coatnet_jax import losses
 from coatnet_jax import metrics as metrics_lib
-from coatnet_jax import optim
-from coatnet_jax import sharding
 from coatnet_jax import models
+from coatnet_jax import optim
+from coatnet_jax import pretrained
+from coatnet_jax import sharding
 
 
 @flax.struct.dataclass
@@ -92,16 +94,23 @@ def make_init_fn(config, model, tx):
   return init
 
 
-def make_train_step(config, model, tx, schedule, num_classes: int, mesh):
-  """(state, batch) -> (state, metrics). A non-finite loss leaves the state untouched."""
+def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_weights=None):
+  """(state, batch) -> (state, metrics). A non-finite loss leaves the state untouched.
+
+  ``class_weights`` (one per class; ``losses.balanced_class_weights``) weight each example's loss
+  by its label's weight; after Mixup/CutMix an example keeps the weight of its own label.
+  """
   lc, accum = config.loss, config.get('accum_steps', 1)
   compute_dtype = _dtype(config.model.get('dtype', 'float32'))
+  weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
-  def loss_fn(params, batch_stats, images, targets, key):
+  def loss_fn(params, batch_stats, images, targets, example_weights, key):
     logits, new_vars = model.apply({'params': params, 'batch_stats': batch_stats}, images,
                                    train=True, mutable=['batch_stats'], rngs={'dropout': key})
-    loss = losses.per_example_loss(logits, targets, lc.kind).mean()
-    return loss, new_vars['batch_stats']
+    loss = losses.per_example_loss(logits, targets, lc.kind)
+    if example_weights is not None:
+      loss = loss * example_weights
+    return loss.mean(), new_vars['batch_stats']
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -112,9 +121,10 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh):
     targets = losses.smooth_targets(batch['label'], num_classes, lc.get('label_smoothing', 0.0))
     images, targets = losses.mix(mix_key, images, targets, lc.get('mixup_alpha', 0.0),
                                  lc.get('cutmix_alpha', 0.0), lc.get('switch_prob', 0.5))
+    example_weights = None if weights is None else weights[batch['label']]
     if accum == 1:
       (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, images, targets,
-                                           drop_key)
+                                           example_weights, drop_key)
     else:
       # Micro-batch i takes rows i, i + accum, ...: every device contributes to every micro-batch.
       def split(x):
@@ -124,14 +134,15 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh):
 
       def body(carry, xs):
         grads_sum, loss_sum, batch_stats = carry
-        (l, batch_stats), g = grad_fn(state.params, batch_stats, xs[0], xs[1],
+        (l, batch_stats), g = grad_fn(state.params, batch_stats, xs[0], xs[1], xs[3],
                                       jax.random.fold_in(drop_key, xs[2]))
         return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + l, batch_stats), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, loss, batch_stats), _ = jax.lax.scan(
           body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
-          (split(images), split(targets), jnp.arange(accum)))
+          (split(images), split(targets), jnp.arange(accum),
+           None if example_weights is None else split(example_weights)))
       grads = jax.tree.map(lambda g: g / accum, grads)
       loss = loss / accum
 
@@ -165,16 +176,22 @@ def abstract_batch(config, batch: int, num_classes: int, batch_sharding, with_ma
   return b
 
 
-def jit_train_step(config, model, tx, schedule, num_classes: int, mesh, state_shardings):
+def jit_train_step(config, model, tx, schedule, num_classes: int, mesh, state_shardings,
+                   class_weights=None):
   """The train step jitted over ``mesh`` with a donated, sharded state."""
-  return jax.jit(make_train_step(config, model, tx, schedule, num_classes, mesh),
+  return jax.jit(make_train_step(config, model, tx, schedule, num_classes, mesh, class_weights),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
 def make_eval_step(config, model, num_classes: int):
-  """(params, batch_stats, batch) -> sums over the real (mask=1) examples of the batch."""
+  """(params, batch_stats, batch) -> sums over the real (mask=1) examples of the batch.
+
+  With ``config.classification_metrics`` (single-label data) also the (C, C) confusion counts and,
+  for two classes, every example's positive-class probability under 'examples' (for ROC AUC).
+  """
   kind = config.loss.kind
+  per_class = config.get('classification_metrics', False)
   compute_dtype = _dtype(config.model.get('dtype', 'float32'))
 
   def eval_step(params, batch_stats, batch):
@@ -190,17 +207,29 @@ def make_eval_step(config, model, num_classes: int):
       correct1 = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
       correct5 = correct1
     loss = losses.per_example_loss(logits, losses.smooth_targets(labels, num_classes, 0.0), kind)
-    return {'correct1': jnp.sum(correct1 * mask), 'correct5': jnp.sum(correct5 * mask),
-            'loss': jnp.sum(jnp.where(mask > 0, loss, 0.0)), 'count': jnp.sum(mask)}
+    out = {'correct1': jnp.sum(correct1 * mask), 'correct5': jnp.sum(correct5 * mask),
+           'loss': jnp.sum(jnp.where(mask > 0, loss, 0.0)), 'count': jnp.sum(mask)}
+    if per_class and labels.ndim == 1:
+      out['confusion'] = eval_metrics.confusion_counts(labels, top1, mask, num_classes)
+      if num_classes == 2:
+        probs = jax.nn.softmax(logits) if kind == 'softmax' else jax.nn.sigmoid(logits)
+        out['examples'] = {'score': probs[:, 1], 'label': labels, 'mask': mask}
+    return out
 
   return eval_step
 
 
-def evaluate(eval_fn, params, batch_stats, batches, mesh, kind: str) -> dict:
-  """Runs ``eval_fn`` over every batch; exact counts because padding carries mask 0."""
-  totals = None
+def evaluate(eval_fn, params, batch_stats, batches, mesh, kind: str, class_names=()) -> dict:
+  """Runs ``eval_fn`` over every batch; exact counts because padding carries mask 0.
+
+  Scalars only: with classification metrics on, the confusion matrix comes back as
+  'confusion/<true>/<predicted>' counts (``eval_metrics.flatten_for_logging``).
+  """
+  totals, examples = None, []
   for local in batches:
     out = eval_fn(params, batch_stats, sharding.global_batch(local, mesh))
+    if 'examples' in out:  # Two-class tasks: small splits, so one transfer per batch is cheap.
+      examples.append(jax.device_get(out.pop('examples')))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   count = int(totals['count'])
@@ -210,6 +239,14 @@ def evaluate(eval_fn, params, batch_stats, batches, mesh, kind: str) -> dict:
     result['top5'] = int(totals['correct5']) / max(count, 1)
   else:
     result['prec@1'] = int(totals['correct1']) / max(count, 1)
+  if 'confusion' in totals:
+    per_class = eval_metrics.from_confusion(totals['confusion'])
+    if examples:
+      real = np.concatenate([e['mask'] for e in examples]) > 0
+      per_class['roc_auc'] = eval_metrics.roc_auc(
+          np.concatenate([e['score'] for e in examples])[real],
+          np.concatenate([e['label'] for e in examples])[real])
+    result.update(eval_metrics.flatten_for_logging(per_class, class_names))
   return result
 
 
@@ -258,6 +295,8 @@ def check_inputs(config, workdir: str):
     raise InputError(f'Dataset {config.data.name!r} (data_dir={config.data.get("data_dir")}): '
                      f'{_clip(" ".join(str(e).split()) or type(e).__name__)}') from e
   num_classes = config.get('num_classes') or info.num_classes
+  if config.loss.get('class_weights') not in ('', None, 'balanced'):
+    raise InputError(f'loss.class_weights={config.loss.class_weights!r}; valid: "balanced" or "".')
   try:
     build_model(config, num_classes)
   except (ValueError, TypeError) as e:
@@ -267,6 +306,13 @@ def check_inputs(config, workdir: str):
     checkpointing.check_workdir(workdir, expected, config.get('allow_partial_load', False))
   except checkpointing.CheckpointError as e:
     raise InputError(str(e)) from e
+  init_path = config.get('init', {}).get('path')
+  if init_path and checkpointing.latest_metadata(workdir) is None:  # Resuming never reads init.
+    try:
+      saved, _, _ = pretrained.read_metadata(init_path, config.init.get('step') or None)
+      pretrained.check_compatible(saved, config, f'init={init_path}')
+    except pretrained.InitError as e:
+      raise InputError(str(e)) from e
   return info, num_classes
 
 
@@ -363,6 +409,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Model and optimizer.
   model = build_model(config, num_classes)
   schedule, tx = build_optimizer(config, info.train_size)
+  class_weights = None
+  if config.loss.get('class_weights'):
+    counts = input_pipeline.train_label_counts(config.data)
+    class_weights = losses.balanced_class_weights(counts)
+    logging.info('Class-balanced loss: weights %s for train counts %s.',
+                 np.round(class_weights, 4).tolist(), counts.tolist())
 
   # Abstract init -> shardings -> init born sharded.
   init_fn = make_init_fn(config, model, tx)
@@ -379,6 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       allow_partial=config.get('allow_partial_load', False), init_fn=init_fn)
   if state is None:
     state = jax.jit(init_fn, out_shardings=state_shardings)()
+    if config.get('init', {}).get('path'):
+      state = pretrained.warm_start(state, config, model, num_classes, state_shardings)
   start_step = int(jax.device_get(state.step))
   best_metric = config.get('best_metric') or ('eval/top1' if config.loss.kind == 'softmax'
                                               else 'eval/prec@1')
@@ -393,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Steps: compiled ahead of time so the compile time is reported once and apart from step time.
   batch_sharding = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
-  train_step = jit_train_step(config, model, tx, schedule, num_classes, mesh, state_shardings)
+  train_step = jit_train_step(config, model, tx, schedule, num_classes, mesh, state_shardings,
+                              class_weights)
   eval_step = jax.jit(make_eval_step(config, model, num_classes),
                       in_shardings=(state_shardings.params, state_shardings.batch_stats,
                                     batch_sharding), out_shardings=rep)
@@ -408,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info('Compiled the train and eval steps in %.1f s.', compile_s)
 
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
-  writer.write(start_step, {'compile_s': compile_s})
+  writer.write(start_step, {'compile_s': compile_s, 'data/skipped_images': info.skipped_images})
   device_kind = jax.devices()[0].device_kind
   throughput = metrics_lib.Throughput(
       config.batch_size, num_devices, steps,
@@ -423,14 +478,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for prefix, params in weights:
       batches = input_pipeline.eval_iterator(config.data, eval_batch, process_index=pi,
                                              process_count=pc)
-      r = evaluate(eval_step, params, state.batch_stats, batches, mesh, config.loss.kind)
+      r = evaluate(eval_step, params, state.batch_stats, batches, mesh, config.loss.kind,
+                   info.class_names)
       results.update({f'eval/{prefix}{k}': v for k, v in r.items()})
     if results['eval/count'] != info.eval_size:
       raise RuntimeError(f'Evaluated {results["eval/count"]} examples; the split has '
                          f'{info.eval_size}.')
     logging.info('Eval at step %d: %s', step,
                  ', '.join(f'{k[5:]} {v:.4f}' if isinstance(v, float) else f'{k[5:]} {v}'
-                           for k, v in results.items()))
+                           for k, v in results.items() if '/confusion/' not in k))
+    confusion = {k[len('eval/confusion/'):]: int(v) for k, v in results.items()
+                 if k.startswith('eval/confusion/')}
+    if confusion:
+      logging.info('Confusion matrix (true/predicted: count) at step %d: %s', step, confusion)
     writer.write(step, results)
     return results
 
@@ -453,7 +513,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       metrics = {k: v for k, v in metrics.items() if k == best_metric}
     try:
       checkpointing.save(manager, step, state,
-                         checkpointing.make_metadata(config, num_classes, step), metrics or None)
+                         checkpointing.make_metadata(config, num_classes, step, info.class_names),
+                         metrics or None)
     except Exception as e:  # pylint: disable=broad-except
       raise checkpointing.CheckpointError(
           f'Saving the checkpoint of step {step} failed; the newest complete one is step '

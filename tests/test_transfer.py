@@ -1,0 +1,150 @@
+"""Transfer to a small two-class folder dataset through configs/transfer.py and main.
+
+The test draws its own data: two imbalanced classes of 40x40 images (a size that is not a multiple
+of 32) in the DIR/<class>/<image> layout, so the hash split, the class names, the balanced loss,
+the per-class metrics and an odd input size all go through the real entry point. Every logged
+metric is recomputed from the checkpoint's own predictions with scikit-learn.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from configs import quickstart
+from coatnet_jax import checkpointing
+from coatnet_jax import input_pipeline
+from coatnet_jax import pretrained
+from coatnet_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 40
+CLASSES = ('abnormal', 'normal')
+
+
+def _run(args, check=True, timeout=1800):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m'] + args, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-5000:]
+  return proc
+
+
+def _write_dataset(root):
+  """'abnormal' (110 images) and 'normal' (60): overlapping colours and noise, so that the
+  metrics after a few steps are neither perfect nor chance."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for name, count in zip(CLASSES, (110, 60)):
+    os.makedirs(os.path.join(root, name))
+    for i in range(count):
+      base = np.array((150, 100, 155) if name == 'abnormal' else (170, 125, 165))
+      image = np.clip(base + rng.normal(0, 12, 3) + rng.normal(0, 40, (SIZE, SIZE, 3)), 0, 255)
+      ys, xs = rng.integers(0, SIZE, 8), rng.integers(0, SIZE, 8)
+      image[ys, xs] = 255 if name == 'abnormal' else 0
+      png = tf.io.encode_png(image.astype(np.uint8)).numpy()
+      with open(os.path.join(root, name, f'{name}_{i:03d}.png'), 'wb') as f:
+        f.write(png)
+
+
+@pytest.fixture(scope='module')
+def transfer_run(tmp_path_factory):
+  data = str(tmp_path_factory.mktemp('gashis_like'))
+  _write_dataset(data)
+  source = str(tmp_path_factory.mktemp('pretrained'))
+  c = quickstart.get_config()
+  model = train.build_model(c, 10)
+  checkpointing.save_variables(source, c, model.init(jax.random.key(0),
+                                                     np.zeros((1, 32, 32, 3), np.float32)), 10)
+  workdir = str(tmp_path_factory.mktemp('transfer'))
+  proc = _run(['coatnet_jax.main', '--config',
+               f'configs/transfer.py:data_dir={data},variant=coatnet_pico,init={source},'
+               f'res={SIZE},balanced,batch=16', '--workdir', workdir,
+               '--config.model.dtype=float32', '--config.total_steps=60',
+               '--config.eval_every_steps=20', '--config.checkpoint_every_steps=20',
+               '--config.log_every_steps=20'])
+  return data, workdir, proc
+
+
+def _eval_records(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if 'eval/f1' in r]
+
+
+def test_metrics_equal_sklearn_on_the_checkpoints_predictions(transfer_run):
+  _, workdir, proc = transfer_run
+  assert 'Class-balanced loss' in proc.stderr and 'Fine-tuning from' in proc.stderr
+  assert 'Confusion matrix' in proc.stderr
+  records = _eval_records(workdir)
+  assert [r['step'] for r in records] == [20, 40, 60]
+  assert checkpointing.latest_metadata(workdir)['class_names'] == list(CLASSES)
+  summaries = []
+  for logged in records:  # Every eval has its checkpoint (saved at the same steps, 3 kept).
+    want = _sklearn_metrics(workdir, logged['step'])
+    for k, v in want.items():
+      if k != 'confusion':
+        assert logged[f'eval/{k}'] == pytest.approx(v, abs=1e-6), (logged['step'], k)
+    for i, t in enumerate(CLASSES):
+      for j, p in enumerate(CLASSES):
+        assert logged[f'eval/confusion/{t}/{p}'] == want['confusion'][i, j]
+    summaries.append((want['f1'], want['roc_auc']))
+  print('transfer eval (f1, roc_auc) at steps 20, 40, 60:', summaries)
+  # Not a degenerate comparison: some eval has an F1 and an AUC strictly between the extremes.
+  assert any(0 < f1 < 1 and 0.5 < auc < 1 for f1, auc in summaries)
+
+
+def _sklearn_metrics(workdir, step):
+  """The metrics of checkpoint ``step``'s own predictions on the eval split, by scikit-learn."""
+  pre = pretrained.read(workdir, step=step, use_ema=False)
+  assert pre.step == step
+  config = pre.config
+  model = train.build_model(config, 2)
+  labels, probs = [], []
+  for batch in input_pipeline.eval_iterator(config.data, 64):
+    logits = model.apply(pre.variables, input_pipeline.normalize(batch['image']), train=False)
+    real = batch['mask'] > 0
+    labels.append(batch['label'][real])
+    probs.append(np.asarray(jax.nn.softmax(logits))[real])
+  labels, probs = np.concatenate(labels), np.concatenate(probs)
+  preds = probs.argmax(-1)
+  return {'count': len(labels), 'accuracy': skm.accuracy_score(labels, preds),
+          'precision': skm.precision_score(labels, preds, zero_division=0),
+          'recall': skm.recall_score(labels, preds, zero_division=0),
+          'f1': skm.f1_score(labels, preds, zero_division=0),
+          'roc_auc': skm.roc_auc_score(labels, probs[:, 1]),
+          'confusion': skm.confusion_matrix(labels, preds, labels=[0, 1])}
+
+
+def test_the_split_is_the_documented_hash_rule(transfer_run):
+  data, workdir, _ = transfer_run
+  from coatnet_jax.data import folders  # pylint: disable=g-import-not-at-top
+  val = [f'{c}/{n}' for c in CLASSES for n in os.listdir(os.path.join(data, c))
+         if 80 <= folders.bucket(f'{c}/{n}') < 90]
+  assert _eval_records(workdir)[-1]['eval/count'] == len(val)
+
+
+def test_exported_model_predicts_the_folder_class_names(transfer_run, tmp_path):
+  data, workdir, _ = transfer_run
+  archive = str(tmp_path / 'model.zip')
+  _run(['coatnet_jax.tools.export', '--workdir', workdir, '--out', archive, '--weights', 'params'])
+  images = [os.path.join(data, c, sorted(os.listdir(os.path.join(data, c)))[0]) for c in CLASSES]
+  proc = _run(['coatnet_jax.predict', '--model', archive, '--json'] + images)
+  rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+  assert [r['path'] for r in rows] == images
+
+  pre = pretrained.read(workdir, use_ema=False)
+  model = train.build_model(pre.config, 2)
+  from coatnet_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  for row, path in zip(rows, images):
+    image = transforms.eval_image(open(path, 'rb').read(), SIZE, None, 'bicubic').numpy()
+    logits = model.apply(pre.variables, input_pipeline.normalize(image[None]), train=False)
+    probs = np.asarray(jax.nn.softmax(logits))[0]
+    assert [t['class'] for t in row['top']] == [CLASSES[i] for i in np.argsort(-probs)]
+    assert [t['probability'] for t in row['top']] == pytest.approx(np.sort(probs)[::-1], abs=1e-4)
