@@ -1,16 +1,22 @@
-r"""Input-pipeline speed on this host: images per second per CPU core, three ways, one run.
+r"""Input-pipeline speed on this host: images per second per CPU core, all figures from one run.
 
-  python benchmarks/input_pipeline.py [--images 300] [--size 224] [--seconds 8] \
+  python -m benchmarks.input_pipeline [--images 300] [--size 224] [--seconds 8] [--rounds 3] \
       [--train_images_per_sec 2500]
 
 Builds ``--images`` JPEGs of ImageNet-like sizes (around 500x375, quality 90) from the two photos
 that scikit-learn ships, keeps them in memory, and measures on ONE core (tf.data private thread
 pool of 1, intra-op parallelism 1, so the figures are per core and add up across cores):
   (a) decode only:       tf.io.decode_jpeg of the whole image
+  (a') decode + resize:  (a), then the bilinear resize to --size: the least work that gives a
+                         model input (b_over_a_resize, for reference; the goal is on (a))
   (b) train transform:   Inception crop (decoding only the crop window), flip, resize to --size,
                          RandAugment 2/15 (coatnet_jax.data.streams.train_transform)
   (c) eval transform:    centre crop 0.875 and resize to --size
-and the ratio (b)/(a) (the goal is >= 0.6). With ``--train_images_per_sec`` (e.g. the img/s that
+and the ratio (b)/(a) (the goal is >= 0.6). Images per second are per CPU second of this process
+(``time.process_time``), so other load on the host slows the figures less; elements are taken in
+batches of 32, as the trainer does, so Python's per-element cost stays out of them. The
+measurements alternate over ``--rounds`` rounds of ``--seconds / --rounds`` each and each figure
+is the median of its rounds. With ``--train_images_per_sec`` (e.g. the img/s that
 benchmarks/train_throughput.py measures for CoAtNet-0 on the GPU), it also prints the cores that
 (b) needs to keep up. The last line is one JSON object.
 """
@@ -50,8 +56,8 @@ def make_jpegs(n, seed=0):
   return out
 
 
-def measure(tf, jpegs, fn, seconds, with_seed=False):
-  """Images per second of ``fn`` on one core (one tf.data thread, one intra-op thread)."""
+def pipeline(tf, jpegs, fn, with_seed=False):
+  """An endless iterator of batches of ``fn``'s outputs on one core (one tf.data thread)."""
   ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
   if with_seed:
     ds = ds.map(lambda i, b: fn(b, tf.stack([tf.constant(0, tf.int64), i])))
@@ -62,22 +68,30 @@ def measure(tf, jpegs, fn, seconds, with_seed=False):
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
   options.autotune.enabled = False
-  it = iter(ds.with_options(options))
-  for _ in range(20):  # Warm up (tracing, caches).
+  it = iter(ds.batch(BATCH).with_options(options))
+  for _ in range(2):  # Warm up (tracing, caches).
     next(it)
-  n, t0 = 0, time.perf_counter()
-  while time.perf_counter() - t0 < seconds:
-    for _ in range(20):
-      next(it)
-    n += 20
-  return n / (time.perf_counter() - t0)
+  return it
+
+
+BATCH = 32
+
+
+def measure(it, seconds):
+  """Images per CPU second of ``it`` over about ``seconds``."""
+  n, t0 = 0, time.process_time()
+  while time.process_time() - t0 < seconds:
+    next(it)
+    n += BATCH
+  return n / (time.process_time() - t0)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--images', type=int, default=300)
   parser.add_argument('--size', type=int, default=224)
-  parser.add_argument('--seconds', type=float, default=8.0)
+  parser.add_argument('--seconds', type=float, default=8.0, help='per figure, all rounds')
+  parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--ra', default='2,15', help='RandAugment N,M for (b)')
   parser.add_argument('--train_images_per_sec', type=float, default=0.0,
                       help='the train step rate to feed (img/s), e.g. from train_throughput.py')
@@ -96,18 +110,25 @@ def main():
       'mean_kb': round(float(np.mean([len(j) for j in jpegs])) / 1024, 1), 'size': args.size,
       'randaugment': [n_layers, magnitude],
   }
-  results['a_decode_per_core'] = measure(
-      tf, jpegs, lambda b: tf.io.decode_jpeg(b, channels=3), args.seconds)
-  results['b_train_per_core'] = measure(
-      tf, jpegs, lambda b, s: streams.train_transform(
+  pipelines = {
+      'a_decode_per_core': pipeline(tf, jpegs, lambda b: tf.io.decode_jpeg(b, channels=3)),
+      'a_decode_resize_per_core': pipeline(tf, jpegs, lambda b: transforms.resize(
+          tf.io.decode_jpeg(b, channels=3), args.size, 'bilinear', antialias=False)),
+      'b_train_per_core': pipeline(tf, jpegs, lambda b, s: streams.train_transform(
           b, s, image_size=args.size, randaugment_layers=n_layers,
-          randaugment_magnitude=magnitude), args.seconds, with_seed=True)
-  results['b_train_no_ra_per_core'] = measure(
-      tf, jpegs, lambda b, s: streams.train_transform(b, s, image_size=args.size),
-      args.seconds, with_seed=True)
-  results['c_eval_per_core'] = measure(
-      tf, jpegs, lambda b: transforms.eval_image(b, args.size, 0.875), args.seconds)
+          randaugment_magnitude=magnitude), with_seed=True),
+      'b_train_no_ra_per_core': pipeline(
+          tf, jpegs, lambda b, s: streams.train_transform(b, s, image_size=args.size),
+          with_seed=True),
+      'c_eval_per_core': pipeline(tf, jpegs, lambda b: transforms.eval_image(b, args.size, 0.875)),
+  }
+  rounds = {k: [] for k in pipelines}
+  for _ in range(args.rounds):
+    for k, it in pipelines.items():
+      rounds[k].append(measure(it, args.seconds / args.rounds))
+  results.update({k: float(np.median(v)) for k, v in rounds.items()})
   results['b_over_a'] = results['b_train_per_core'] / results['a_decode_per_core']
+  results['b_over_a_resize'] = results['b_train_per_core'] / results['a_decode_resize_per_core']
   if args.train_images_per_sec:
     results['train_images_per_sec'] = args.train_images_per_sec
     results['cores_to_feed'] = args.train_images_per_sec / results['b_train_per_core']

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from coatnet_jax import input_pipeline
+from coatnet_jax.data import folders
 from coatnet_jax.data import tfrecords
 
 tf.config.set_visible_devices([], 'GPU')
@@ -132,6 +134,83 @@ def test_missing_or_empty_data_is_one_line(tmp_path):
     input_pipeline.get_info(c)
 
 
+def _hash_split(relpath, percent=(80, 10, 10)):
+  """The flat layout's documented rule, computed independently of folders.py."""
+  b = int(hashlib.sha256(relpath.encode()).hexdigest(), 16) % 100
+  ends = np.cumsum(percent)
+  return ('train', 'val', 'test')[int(np.searchsorted(ends, b, side='right'))]
+
+
+def _write_flat(root, photos, names):
+  for (c, name), photo in zip(names, photos):
+    os.makedirs(root / c, exist_ok=True)
+    (root / c / name).write_bytes(_encode(photo, fmt='PNG' if name.endswith('.png') else 'JPEG'))
+
+
+@pytest.fixture(scope='module')
+def flat_root(tmp_path_factory):
+  """DATA_DIR/<class>/<image>, no split folders, as GasHisSDB ships; one truncated image."""
+  root = tmp_path_factory.mktemp('flat')
+  names = [(c, f'{c}_{i:03d}.{"png" if i % 2 else "jpg"}')
+           for c in ('abnormal', 'normal') for i in range(30)]
+  _write_flat(root, _photos(len(names), seed=2), names)
+  (root / 'normal' / 'zz_truncated.jpg').write_bytes(_encode(next(_photos(1)))[:300])
+  (root / 'README.txt').write_text('not a class')
+  return root, names
+
+
+def _flat_splits(root, **kw):
+  source = folders.Source(_folder_config(str(root), **kw))
+  return source, {s: {os.path.relpath(p, root): int(l) for p, l in zip(*source.files(s))}
+                  for s in ('train', 'val', 'test')}
+
+
+@pytest.mark.parametrize('percent', [None, (50, 30, 20)])
+def test_flat_folders_split_by_path_hash(flat_root, percent):
+  root, names = flat_root
+  kw = {'split_percent': percent} if percent else {}
+  source, splits = _flat_splits(root, **kw)
+  assert source.classes == ['abnormal', 'normal']
+  want = {s: {f'{c}/{n}': ['abnormal', 'normal'].index(c) for c, n in names
+              if _hash_split(f'{c}/{n}', percent or (80, 10, 10)) == s}
+          for s in ('train', 'val', 'test')}
+  assert splits == want and all(want.values())  # Disjoint, covering, every split non-empty.
+  skipped = _hash_split('normal/zz_truncated.jpg', percent or (80, 10, 10))
+  assert source.skipped[skipped] == 1
+  for s, files in want.items():
+    np.testing.assert_array_equal(source.label_counts(s),
+                                  np.bincount(list(files.values()), minlength=2))
+  info = input_pipeline.get_info(_folder_config(str(root), **kw))
+  assert info.class_names == ('abnormal', 'normal') and info.num_classes == 2
+  assert (info.train_size, info.eval_size) == (len(want['train']), len(want['val']))
+  labels = []
+  for b in input_pipeline.eval_iterator(_folder_config(str(root), **kw), 4):
+    labels += b['label'][b['mask'] == 1].tolist()
+  assert sorted(labels) == sorted(want['val'].values())
+
+
+def test_flat_folders_splits_are_stable_as_files_change(flat_root, tmp_path):
+  root, names = flat_root
+  _, before = _flat_splits(root)
+  moved = tmp_path / 'moved'
+  shutil.copytree(root, moved)
+  os.remove(moved / 'abnormal' / names[0][1])
+  _write_flat(moved, _photos(12, seed=3), [('normal', f'new_{i}.jpg') for i in range(12)])
+  _, after = _flat_splits(moved)
+  was = {f: s for s, files in before.items() for f in files}
+  now = {f: s for s, files in after.items() for f in files}
+  assert set(was) - set(now) == {f'abnormal/{names[0][1]}'}
+  assert len(set(now) - set(was)) == 12
+  assert all(now[f] == s for f, s in was.items() if f in now)
+
+
+def test_flat_folders_unknown_split_is_one_line(flat_root):
+  with pytest.raises(input_pipeline.DataNotFoundError) as e:
+    input_pipeline.get_info(_folder_config(str(flat_root[0]), eval_split='validation'))
+  assert '\n' not in str(e.value) and "'validation'" in str(e.value)
+  assert 'train, val, test' in str(e.value)
+
+
 @pytest.fixture(scope='module')
 def jft_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp('jft')
@@ -171,7 +250,7 @@ def test_jft_multi_hot_and_resume(jft_dir):
   with open(os.path.join(d, tfrecords.BAD)) as f:
     assert json.load(f) == {'train-0.tfrecord': [3]}
   info = input_pipeline.get_info(c)
-  assert (info.train_size, info.eval_size) == (19, 6)
+  assert (info.train_size, info.eval_size, info.skipped_images) == (19, 6, 1)
   it = input_pipeline.train_iterator(c, 4, seed=1)
   first = [next(it) for _ in range(9)]  # 36 > 19 usable: crosses an epoch.
   b = first[0]
@@ -179,6 +258,28 @@ def test_jft_multi_hot_and_resume(jft_dir):
   assert set(np.unique(b['label'])) <= {0.0, 1.0} and (b['label'].sum(1) >= 1).all()
   resumed = input_pipeline.train_iterator(c, 4, seed=1, start_step=6)
   assert _digest([next(resumed) for _ in range(3)]) == _digest(first[6:])
+
+
+def test_jft_resume_is_bit_exact_with_corrupt_records_and_no_sidecar(tmp_path):
+  """Without bad_records.json, a corrupt record's position is filled by the next decodable
+  example: later positions keep theirs, so a restart at any step repeats the uninterrupted run."""
+  photos = list(_photos(12, seed=4))
+  for f in range(2):
+    with tf.io.TFRecordWriter(str(tmp_path / f'train-{f}.tfrecord')) as w:
+      for i in range(6):
+        data = _encode(photos[6 * f + i])
+        if 6 * f + i in (2, 11):
+          data = data[:200]  # Corrupt, and not listed anywhere.
+        w.write(tfrecords.make_example(data, [6 * f + i]))
+  c = _jft_config(str(tmp_path), multi_label=False)
+  full = input_pipeline.train_iterator(c, 4, seed=2)
+  uninterrupted = [next(full) for _ in range(9)]  # 36 positions: three epochs of 12.
+  for k in (1, 4, 7):
+    resumed = input_pipeline.train_iterator(c, 4, seed=2, start_step=k)
+    assert _digest([next(resumed) for _ in range(9 - k)]) == _digest(uninterrupted[k:]), k
+  labels = np.concatenate([b['label'] for b in uninterrupted]).reshape(3, 12)
+  for epoch in labels:  # Every decodable record in every epoch; the corrupt ones never.
+    assert set(epoch.tolist()) == set(range(12)) - {2, 11}
 
 
 def test_jft_exact_eval_on_any_process_count(jft_dir):

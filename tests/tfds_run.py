@@ -86,6 +86,15 @@ def main(data_dir):
   assert b['image'].shape == (4, 32, 32, 3)
   c.crop_fraction = 0.875
 
+  # Stored as array_record: one line that names the rebuild, not a failure in the reader.
+  array_dir = os.path.join(data_dir, 'array_record')
+  TinyJpegs(data_dir=array_dir, file_format='array_record').download_and_prepare()
+  try:
+    input_pipeline.get_info(ml_collections.ConfigDict(dict(c, data_dir=array_dir)))
+    raise AssertionError('array_record data was accepted')
+  except input_pipeline.DataNotFoundError as e:
+    assert '\n' not in str(e) and '--file_format=tfrecord' in str(e) and 'array_record' in str(e), e
+
   # The decode path on TFDS's mocked ImageNet (random JPEGs with the real feature spec).
   c.name, c.data_dir = 'imagenet2012', None
   with tfds.testing.mock_data(num_examples=8):

@@ -14,12 +14,14 @@ the same as "2/10". With M unclipped, at M = 15:
 As in the TF code, each of the N layers picks one op uniformly, applies it with probability drawn
 from U(0.2, 0.8), and negates the geometric magnitudes with probability 1/2. Differences from the
 TF code, on purpose: Contrast blends with the true mean grey level (TF divides the histogram sum
-by 256, a known bug that blends with ``num_pixels / 256``), and Cutout is not in the list (the
+by 256, a known bug that blends with ``num_pixels / 256``), AutoContrast is the exact stretch
+(TF's float32 and PIL's float64 put some levels 1 low), and Cutout is not in the list (the
 issue's standard list has 15 ops; TF EfficientNet lists 16 with Cutout).
 """
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 from coatnet_jax.data import transforms
@@ -33,51 +35,77 @@ TRANSLATE_FRACTION = 100 / 224  # TF's translate_const=100 px at 224 px, scaled 
 
 # ---------------------------------------------------------------------------------------------
 # The operations: uint8 HxWx3 in, uint8 HxWx3 out; the argument is the op's own unit.
+#
+# Written for one host core (profiled one by one in tf.data): uint8 arithmetic where the op allows
+# it, float32 through int32 (TF's direct uint8 -> float32 cast is twice as slow), no tf.where on
+# images (a select costs ~10x an add), no per-channel broadcasting over the last axis (~5x a
+# plain op), and geometric ops as one gather of whole pixels.
+
+
+def _f32(image):
+  return tf.cast(tf.cast(image, tf.int32), tf.float32)
+
+
+def _u8(x):
+  """Clipped to [0, 255] and truncated, as TF/PIL store a blend."""
+  return tf.cast(tf.clip_by_value(x, 0.0, 255.0), tf.uint8)
 
 
 def blend(degenerate, image, factor):
-  """degenerate + factor * (image - degenerate), clipped to [0, 255] and truncated (as TF/PIL)."""
-  degenerate = tf.cast(degenerate, tf.float32)
-  out = degenerate + factor * (tf.cast(image, tf.float32) - degenerate)
-  return tf.cast(tf.clip_by_value(out, 0.0, 255.0), tf.uint8)
+  """degenerate + factor * (image - degenerate), clipped to [0, 255] and truncated (as TF/PIL).
+
+  ``degenerate`` is a float32 image of the same shape or a scalar; ``image`` is uint8.
+  """
+  return _u8(degenerate + factor * (_f32(image) - degenerate))
 
 
 def _grey(image):
-  """ITU-R 601 luma, as PIL's convert('L'): (299 R + 587 G + 114 B) / 1000, rounded."""
-  x = tf.cast(image, tf.float32)
-  return tf.cast(tf.round(x[..., 0] * 0.299 + x[..., 1] * 0.587 + x[..., 2] * 0.114), tf.uint8)
+  """ITU-R 601 luma, as PIL's convert('L'): (299 R + 587 G + 114 B) / 1000, rounded; float32."""
+  return tf.round(_f32(image[..., 0]) * 0.299 + _f32(image[..., 1]) * 0.587
+                  + _f32(image[..., 2]) * 0.114)
 
 
-def apply_lut(image, lut):
-  """Per-channel look-up: ``lut`` is [3, 256] (or [256] for all channels) of output values.
+def _channel_min_max(image):
+  flat = tf.reshape(image, [-1, 3])
+  return tf.reduce_min(flat, 0), tf.reduce_max(flat, 0)
 
-  Used where the table needs image statistics (AutoContrast, Equalize): the arithmetic runs on
-  768 numbers, the per-pixel work is one gather. (Simple point ops stay elementwise: on one
-  host core a gather costs more than a few elementwise ops.)
+
+def _per_channel(image, scale, offset):
+  """image * scale + offset with [3] scale and offset, in float32.
+
+  Laid out as [H, W * 3] rows so that the [3] vectors broadcast along the outer axis.
   """
-  lut = tf.cast(tf.broadcast_to(lut, [3, 256]), tf.uint8)
-  index = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
-  return tf.gather(tf.reshape(lut, [-1]), index)
+  h, w = image.shape[0], image.shape[1]
+  rows = tf.reshape(_f32(image), [h, w * 3])
+  return tf.reshape(rows * tf.tile(scale, [w]) + tf.tile(offset, [w]), [h, w, 3])
+
+
+def auto_contrast(image):
+  """Each channel's [lo, hi] stretched to [0, 255]: floor(255 (x - lo) / (hi - lo)), exactly.
+
+  PIL's autocontrast (cutoff 0) computes this in float64 and lands 1 lower on a few levels
+  whose value is a whole number (TF EfficientNet's float32 on many more). In float32 here, plus
+  1e-3: a non-whole value is at least 1/255 below the next whole number, far above the error.
+  """
+  lo, hi = (tf.cast(v, tf.float32) for v in _channel_min_max(image))
+  stretch = hi > lo
+  scale = tf.where(stretch, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
+  offset = tf.where(stretch, 1e-3 - lo * scale, 0.0)
+  return _u8(_per_channel(image, scale, offset))
+
+
+def _offsets(shape):
+  """Constant [H, W, 3] of 0, 256, 512 by channel: indexes a [3 * 256] table without broadcast."""
+  return tf.constant(np.broadcast_to(np.arange(0, 768, 256, dtype=np.int32), shape))
 
 
 _LEVELS = tf.range(256, dtype=tf.int32)
 
 
-def auto_contrast(image):
-  """PIL's autocontrast (cutoff 0): each channel's [lo, hi] stretched to [0, 255]."""
-  lo = tf.cast(tf.reduce_min(image, axis=[0, 1]), tf.float64)[:, None]
-  hi = tf.cast(tf.reduce_max(image, axis=[0, 1]), tf.float64)[:, None]
-  levels = tf.cast(_LEVELS, tf.float64)[None]
-  scale = 255.0 / tf.maximum(hi - lo, 1.0)  # float64 as PIL's Python floats: same truncation.
-  lut = tf.clip_by_value(tf.floor(levels * scale - lo * scale), 0.0, 255.0)
-  return apply_lut(image, tf.where(hi > lo, lut, levels))
-
-
 def equalize(image):
   """Per-channel histogram equalisation with PIL's look-up-table rule."""
-  index = tf.cast(image, tf.int32) + tf.constant([0, 256, 512], tf.int32)
-  hist = tf.reshape(tf.math.bincount(tf.reshape(index, [-1]), minlength=768, maxlength=768),
-                    [3, 256])
+  x = tf.cast(image, tf.int32)
+  hist = tf.stack([tf.histogram_fixed_width(x[..., c], [0, 256], 256) for c in range(3)])
   # The last non-zero bin of each channel.
   last = tf.gather(hist, 255 - tf.argmax(tf.cast(tf.reverse(hist, [1]) > 0, tf.int32), 1,
                                          output_type=tf.int32), batch_dims=1)
@@ -86,7 +114,8 @@ def equalize(image):
   lut = tf.concat([tf.zeros([3, 1], tf.int32), (tf.cumsum(hist, 1) + safe // 2)[:, :-1] // safe],
                   1)
   lut = tf.where(step[:, None] > 0, tf.clip_by_value(lut, 0, 255), _LEVELS[None])
-  return apply_lut(image, lut)
+  # One gather of every value: the per-pixel cost of equalisation (no cheaper TF look-up exists).
+  return tf.gather(tf.cast(tf.reshape(lut, [-1]), tf.uint8), x + _offsets(image.shape))
 
 
 def invert(image):
@@ -94,67 +123,89 @@ def invert(image):
 
 
 def posterize(image, bits):
+  """Keeps the ``bits`` high bits: one AND with a constant mask."""
   shift = 8 - min(max(int(bits), 0), 8)
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.bitwise.left_shift(tf.bitwise.right_shift(x, shift), shift), tf.uint8)
+  return tf.bitwise.bitwise_and(image, tf.constant((0xFF << shift) & 0xFF, tf.uint8))
 
 
 def solarize(image, threshold):
-  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+  """Inverts the values >= ``threshold``: XOR with 255 where the mask is set (no select)."""
+  threshold = int(threshold)
+  if threshold > 255:
+    return image
+  if threshold <= 0:
+    return invert(image)
+  mask = tf.cast(image >= tf.constant(threshold, tf.uint8), tf.uint8)
+  return tf.bitwise.bitwise_xor(image, mask * 255)
 
 
 def solarize_add(image, addition, threshold=128):
-  x = tf.cast(image, tf.int32)
-  return tf.cast(tf.where(x < threshold, tf.clip_by_value(x + addition, 0, 255), x), tf.uint8)
+  """Adds ``addition`` (saturating at 255) to the values below ``threshold``; in uint8."""
+  addition, threshold = min(max(int(addition), 0), 255), int(threshold)
+  if threshold <= 0 or not addition:
+    return image
+  room = tf.minimum(tf.constant(addition, tf.uint8), 255 - image)
+  if threshold > 255:
+    return image + room
+  return image + tf.cast(image < tf.constant(threshold, tf.uint8), tf.uint8) * room
 
 
 def color(image, factor):
-  return blend(tf.repeat(_grey(image)[..., None], 3, -1), image, factor)
+  grey = _grey(image)[..., None]
+  return blend(tf.tile(grey, [1, 1, 3]), image, factor)
 
 
 def contrast(image, factor):
-  mean = tf.round(tf.reduce_mean(tf.cast(_grey(image), tf.float32)))
-  return blend(tf.fill(tf.shape(image), mean), image, factor)
+  return blend(tf.round(tf.reduce_mean(_grey(image))), image, factor)
 
 
 def brightness(image, factor):
-  return blend(tf.zeros_like(image), image, factor)
+  return _u8(factor * _f32(image))
 
 
 def sharpness(image, factor):
   """Blend with PIL's SMOOTH filter ([[1,1,1],[1,5,1],[1,1,1]] / 13); the border is kept.
 
-  The 3x3 sum is nine shifted slices (far cheaper on one core than a depthwise convolution).
+  The 3x3 sum is separable and runs on the flat image, where a neighbour is a whole-array
+  offset (3 for x, 3 W for y): contiguous slices only. Values that wrap across a row end land
+  in the border columns, which are replaced by the image's own.
   """
-  x = tf.cast(image, tf.float32)
-  h, w = tf.shape(x)[0], tf.shape(x)[1]
-  box = tf.add_n([x[dy:h - 2 + dy, dx:w - 2 + dx] for dy in range(3) for dx in range(3)])
-  smooth = tf.round((box + 4.0 * x[1:-1, 1:-1]) / 13.0)
-  degenerate = tf.pad(smooth - x[1:-1, 1:-1], [[1, 1], [1, 1], [0, 0]]) + x
-  return blend(degenerate, image, factor)
+  h, w = image.shape[0], image.shape[1]
+  row = 3 * w
+  x = tf.reshape(_f32(image), [-1])
+  rows = x[:-6] + x[3:-3] + x[6:]  # Centred on x[3:-3].
+  box = rows[:-2 * row] + rows[row:-row] + rows[2 * row:]  # Centred on x[row + 3:-row - 3].
+  centre = x[row + 3:-row - 3]
+  smooth = tf.round((box + 4.0 * centre) / 13.0)
+  inner = _u8(smooth + factor * (centre - smooth))
+  # Positions row + 3 .. end - row - 3 are rows 1 .. h - 2 from column 1; pad to whole rows.
+  inner = tf.reshape(tf.concat([inner, tf.zeros([6], tf.uint8)], 0), [h - 2, w, 3])[:, :-2]
+  return tf.concat([image[:1], tf.concat([image[1:-1, :1], inner, image[1:-1, -1:]], 1),
+                    image[-1:]], 0)
 
 
 def affine(image, matrix):
   """Output pixel (x, y) takes input pixel (a x + b y + c, d x + e y + f); nearest, grey fill.
 
-  ``matrix`` = [a, b, c, d, e, f] in PIL's ``Image.transform(AFFINE)`` convention, where the map
-  acts on pixel centres (x + 0.5, y + 0.5); converted here to TF's pixel-index convention.
+  ``matrix`` = [a, b, c, d, e, f] in PIL's ``Image.transform(AFFINE)`` convention: the map acts
+  on pixel centres (x + 0.5, y + 0.5) and the source pixel is the floor of the result, as PIL's
+  NEAREST. One gather of whole pixels from the image framed by one fill pixel, where every
+  source outside the image lands (cheaper than ImageProjectiveTransform, which maps each channel).
   """
+  h, w = image.shape[0], image.shape[1]
   a, b, c, d, e, f = tf.unstack(tf.cast(matrix, tf.float32))
-  c = c + 0.5 * (a + b) - 0.5
-  f = f + 0.5 * (d + e) - 0.5
-  transform = tf.stack([a, b, c, d, e, f, 0.0, 0.0])[None]
-  shape = tf.shape(image)
-  out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=image[None], transforms=transform, output_shape=shape[:2],
-      interpolation='NEAREST', fill_mode='CONSTANT', fill_value=float(transforms.FILL))
-  return out[0]
+  ys, xs = (tf.constant(v) for v in np.mgrid[0.5:h, 0.5:w].astype(np.float32))
+  # Source column and row, plus 1 for the frame; anything outside lands on the frame.
+  sx = tf.clip_by_value(tf.floor(a * xs + b * ys + (c + 1.0)), 0.0, w + 1.0)
+  sy = tf.clip_by_value(tf.floor(d * xs + e * ys + (f + 1.0)), 0.0, h + 1.0)
+  framed = tf.pad(image, [[1, 1], [1, 1], [0, 0]], constant_values=transforms.FILL)
+  return tf.gather(tf.reshape(framed, [-1, 3]), tf.cast(sy * (w + 2.0) + sx, tf.int32))
 
 
 def rotate(image, degrees):
   """Counter-clockwise about the centre, as PIL's ``Image.rotate``."""
-  h = tf.cast(tf.shape(image)[0], tf.float32)
-  w = tf.cast(tf.shape(image)[1], tf.float32)
+  h = float(image.shape[0])
+  w = float(image.shape[1])
   t = tf.cast(degrees, tf.float32) * (math.pi / 180.0)
   a, b, d, e = tf.cos(t), -tf.sin(t), tf.sin(t), tf.cos(t)
   cx, cy = w / 2.0, h / 2.0
@@ -171,15 +222,17 @@ def shear_y(image, level):
 
 def _shift(image, pixels, axis):
   """Output pixel i takes input pixel i + pixels along ``axis`` (whole pixels), grey fill."""
-  n = tf.shape(image)[axis]
+  shape = image.shape.as_list()
+  n = shape[axis]
   p = tf.clip_by_value(tf.cast(tf.round(pixels), tf.int32), -n, n)
-  fill = tf.cast(transforms.FILL, image.dtype)
-  if axis == 1:
-    image = tf.transpose(image, [1, 0, 2])
-  kept = image[tf.maximum(p, 0):n + tf.minimum(p, 0)]
-  pad = tf.fill(tf.concat([[tf.abs(p)], tf.shape(image)[1:]], 0), fill)
-  out = tf.cond(p >= 0, lambda: tf.concat([kept, pad], 0), lambda: tf.concat([pad, kept], 0))
-  return tf.transpose(out, [1, 0, 2]) if axis == 1 else out
+  begin, size = [0, 0, 0], list(shape)
+  begin[axis], size[axis] = tf.maximum(p, 0), n - tf.abs(p)
+  kept = tf.slice(image, tf.stack(begin), tf.stack(size))
+  size[axis] = tf.abs(p)
+  pad = tf.fill(tf.stack(size), tf.constant(transforms.FILL, image.dtype))
+  out = tf.cond(p >= 0, lambda: tf.concat([kept, pad], axis), lambda: tf.concat([pad, kept], axis))
+  out.set_shape(shape)
+  return out
 
 
 def translate_x(image, pixels):
@@ -236,28 +289,28 @@ def apply_op(image, name, magnitude, sign=1.0):
 
 
 def randaugment(image, num_layers, magnitude, seed, ops=OPS):
-  """N layers, each one op of ``ops`` chosen uniformly and applied with probability U(0.2, 0.8)."""
+  """N layers, each one op of ``ops`` chosen uniformly and applied with probability U(0.2, 0.8).
+
+  All draws come from one stateless call: per layer uniforms for (op, probability, apply, sign).
+  A layer is one switch whose last branch is "not applied", so it computes only what it draws.
+  """
   if not num_layers:
     return image
   size = image.shape[1]
   if size is None:
     raise ValueError('RandAugment needs a static image size (apply it after the resize).')
+  u_op, u_prob, u_apply, u_sign = tf.unstack(tf.random.stateless_uniform([4, num_layers], seed))
+  chosen = tf.minimum(tf.cast(u_op * len(ops), tf.int32), len(ops) - 1)
+  index = tf.unstack(tf.where(u_apply < 0.2 + 0.6 * u_prob, chosen, len(ops)))
+  signs = tf.unstack(tf.where(u_sign < 0.5, -1.0, 1.0))
   for layer in range(num_layers):
-    s_op, s_prob, s_apply, s_sign = tf.unstack(
-        tf.random.experimental.stateless_split(
-            tf.random.experimental.stateless_fold_in(seed, layer), 4))
-    index = tf.random.stateless_uniform([], s_op, 0, len(ops), tf.int32)
-    prob = tf.random.stateless_uniform([], s_prob, 0.2, 0.8)
-    apply = tf.random.stateless_uniform([], s_apply) < prob
-    sign = tf.where(tf.random.stateless_uniform([], s_sign) < 0.5, -1.0, 1.0)
 
-    def branch(name):
+    def branch(name, image=image, sign=signs[layer]):
       arg = op_argument(name, magnitude, size)
       if name in SIGNED:
         return lambda: _FUNCS[name](image, arg * sign)
       return lambda: _FUNCS[name](image, arg)
 
-    image = tf.cond(apply, lambda: tf.switch_case(index, [branch(n) for n in ops]),
-                    lambda: image)
+    image = tf.switch_case(index[layer], [branch(n) for n in ops] + [lambda image=image: image])
     image.set_shape([size, size, 3])
   return image

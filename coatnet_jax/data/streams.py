@@ -45,6 +45,9 @@ def train_dataset(epoch_fn, n_local, local_batch, *, seed, process_index, start_
 
   ``epoch_fn(epoch)`` maps an int64 scalar tensor to a dataset of {'image': bytes, 'label': ...}
   holding each of the process's ``n_local`` examples once, in an order fixed by (seed, epoch).
+  With ``ignore_errors``, an example whose image does not decode is logged and its position is
+  filled by the next decodable example (a duplicate): every position keeps its example wherever
+  the bad ones are, so a restart still sees the uninterrupted run's batches.
   """
   if n_local < 1:
     raise ValueError('This process has no training examples.')
@@ -55,13 +58,26 @@ def train_dataset(epoch_fn, n_local, local_batch, *, seed, process_index, start_
 
   @tf.autograph.experimental.do_not_convert  # Plain graph code; converting it costs seconds.
   def prepare(position, example):
-    return {'image': transform(example['image'], example_seed(seed, process_index, position)),
-            'label': prepare_label(example['label'])}
+    return position, {
+        'image': transform(example['image'], example_seed(seed, process_index, position)),
+        'label': prepare_label(example['label'])}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  if ignore_errors:  # Undecodable images: dropped (deterministically) and logged one by one.
-    ds = ds.ignore_errors(log_warning=True)
+  if ignore_errors:
+    ds = ds.ignore_errors(log_warning=True).scan(tf.constant(start - 1, tf.int64), _fill_gaps)
+    ds = ds.unbatch()
+  else:
+    ds = ds.map(lambda position, example: example)
   return ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+@tf.autograph.experimental.do_not_convert
+def _fill_gaps(last, element):
+  """The example at ``position``, once for itself and once per dropped position since ``last``."""
+  position, example = element
+  copies = position - last
+  return position, tf.nest.map_structure(
+      lambda t: tf.broadcast_to(t[None], tf.concat([[copies], tf.shape(t, tf.int64)], 0)), example)
 
 
 def eval_dataset(examples, local_sizes, local_batch, *, transform, prepare_label, image_size,

@@ -32,11 +32,19 @@ def builder(config):
     b = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
     raise DataNotFoundError(f'No TFDS dataset named {name!r} ({e.__class__.__name__}).') from e
-  if not _is_mocked() and not tf.io.gfile.exists(os.path.join(b.data_dir, 'dataset_info.json')):
-    how = PREPARE.get(name, f'tfds build {name} --data_dir DATA_DIR').replace(
-        'DATA_DIR', data_dir or tfds.core.constants.DATA_DIR)
+  if _is_mocked():
+    return b
+  how = PREPARE.get(name, f'tfds build {name} --data_dir DATA_DIR').replace(
+      'DATA_DIR', data_dir or tfds.core.constants.DATA_DIR)
+  if not tf.io.gfile.exists(os.path.join(b.data_dir, 'dataset_info.json')):
     raise DataNotFoundError(f'Dataset {name!r} is not prepared in {b.data_dir}; prepare it '
                             f'with: {how}')
+  file_format = b.info.file_format or tfds.core.FileFormat.TFRECORD
+  if file_format != tfds.core.FileFormat.TFRECORD:
+    # The stream reads the TFRecord shards itself (epoch order as a tensor, bit-exact resume).
+    raise DataNotFoundError(f'Dataset {name!r} in {b.data_dir} is stored as {file_format.value}; '
+                            f'this trainer reads TFRecord shards, so rebuild it with: {how} '
+                            f'--file_format=tfrecord')
   return b
 
 

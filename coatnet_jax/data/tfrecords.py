@@ -16,9 +16,10 @@ otherwise the files are counted once at start (a full read). Write it once with
   python -m coatnet_jax.data.tfrecords --write_counts 'DIR/train-*.tfrecord'
 and write records with ``make_example``. The same command decodes every image once and lists
 the records that do not decode in ``bad_records.json`` ({file name: [record index]}); readers
-leave those records out before positions are assigned, so bit-exact resume holds. Without that
-file, an undecodable record is dropped at training time and logged (deterministically, but a
-restart's positions then shift by the number of such records before it).
+leave those records out before positions are assigned and count them (``Source.skipped``).
+Without that file, an undecodable record is found at training time, logged, and its stream
+position filled by the next decodable example (``streams.train_dataset``): positions never
+shift, so bit-exact resume holds either way; only the count is then not known in advance.
 """
 
 import json
@@ -131,12 +132,15 @@ class Source:
     if not self.num_classes:
       raise ValueError('data.num_classes must be set for TFRecord data.')
     self.multi_label = config.get('multi_label', True)
+    self.skipped = {}  # split -> records listed in bad_records.json.
 
   def _files(self, split):
     return files(self.config.get('data_dir'), split)
 
   def size(self, split):
-    return sum(usable(self._files(split)).values())
+    paths = self._files(split)
+    self.skipped[split] = sum(len(v) for v in bad_records(paths).values())
+    return sum(usable(paths).values())
 
   def _train_files(self, split, process_index, process_count):
     mine = self._files(split)[process_index::process_count]

@@ -43,9 +43,15 @@ def decode_and_crop(image_bytes, window):
 
 
 def resize(image, size, method='bicubic', antialias=True):
-  """Resize to ``size`` x ``size`` and round back to uint8."""
-  image = tf.image.resize(image, (size, size), method=method, antialias=antialias)
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  """Resize to ``size`` x ``size`` and round back to uint8.
+
+  Bilinear and area outputs are means of uint8 values with non-negative weights (antialiased
+  too), so only the other kernels (bicubic, Lanczos: they overshoot) need the clip.
+  """
+  image = tf.round(tf.image.resize(image, (size, size), method=method, antialias=antialias))
+  if method not in ('bilinear', 'area'):
+    image = tf.clip_by_value(image, 0, 255)
+  return tf.cast(image, tf.uint8)
 
 
 def inception_crop_window(shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
