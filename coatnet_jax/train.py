@@ -52,13 +52,13 @@ class TrainState:
   rng: jax.Array  # Raw key data (uint32), so Orbax saves it like any array.
 
 
-def _dtype(name: str):
+def dtype_of(name: str):
   return {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}[name]
 
 
 def build_model(config, num_classes: int):
   m = config.model
-  return models.get_model(m.name, num_classes, dtype=_dtype(m.get('dtype', 'float32')),
+  return models.get_model(m.name, num_classes, dtype=dtype_of(m.get('dtype', 'float32')),
                           drop_path_rate=m.get('drop_path_rate', 0.0),
                           **dict(m.get('switches', {})))
 
@@ -82,7 +82,7 @@ def make_init_fn(config, model, tx):
 
   def init():
     params_key, dropout_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
-    dummy = jnp.zeros((1, size, size, 3), _dtype(config.model.get('dtype', 'float32')))
+    dummy = jnp.zeros((1, size, size, 3), dtype_of(config.model.get('dtype', 'float32')))
     variables = model.init({'params': params_key, 'dropout': dropout_key}, dummy, train=False)
     params = variables['params']
     return TrainState(
@@ -101,7 +101,7 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_w
   by its label's weight; after Mixup/CutMix an example keeps the weight of its own label.
   """
   lc, accum = config.loss, config.get('accum_steps', 1)
-  compute_dtype = _dtype(config.model.get('dtype', 'float32'))
+  compute_dtype = dtype_of(config.model.get('dtype', 'float32'))
   weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
   def loss_fn(params, batch_stats, images, targets, example_weights, key):
@@ -192,7 +192,7 @@ def make_eval_step(config, model, num_classes: int):
   """
   kind = config.loss.kind
   per_class = config.get('classification_metrics', False)
-  compute_dtype = _dtype(config.model.get('dtype', 'float32'))
+  compute_dtype = dtype_of(config.model.get('dtype', 'float32'))
 
   def eval_step(params, batch_stats, batch):
     logits = model.apply({'params': params, 'batch_stats': batch_stats},
@@ -257,6 +257,15 @@ def _model_macs(model, image_size) -> Optional[int]:
   except Exception as e:  # pylint: disable=broad-except
     logging.warning('Counting model MACs failed (%s); MFU is not reported.', e)
     return None
+
+
+def _barrier(name: str, timeout_s: int = 3600) -> None:
+  """Every process waits here, on the coordination service (not a collective): the first step's
+  collective must not start while another process still compiles, since Gloo (CPU) gives up on
+  its peers after 30 s. jax has no public API for this barrier; its own serialization uses it."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1 and distributed.global_state.client is not None:
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -359,8 +368,7 @@ def rewind_metrics(workdir: str, step: int) -> None:
       except ValueError:  # A line cut by kill -9.
         dropped += 1
         continue
-      if record.get('step', 0) > step or (record.get('step') == step and
-                                           set(record) == {'step', 'compile_s'}):
+      if record.get('step', 0) > step or (record.get('step') == step and 'compile_s' in record):
         dropped += 1
         continue
       keep.append(line if line.endswith('\n') else line + '\n')
@@ -461,6 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config, eval_batch, num_classes, batch_sharding, with_mask=True)).compile()
   compile_s = time.perf_counter() - t0
   logging.info('Compiled the train and eval steps in %.1f s.', compile_s)
+  _barrier('coatnet_compiled')
 
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
   writer.write(start_step, {'compile_s': compile_s, 'data/skipped_images': info.skipped_images})

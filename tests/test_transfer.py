@@ -52,6 +52,12 @@ def _write_dataset(root):
       png = tf.io.encode_png(image.astype(np.uint8)).numpy()
       with open(os.path.join(root, name, f'{name}_{i:03d}.png'), 'wb') as f:
         f.write(png)
+  # One truncated file in the train split: skipped, counted, reported in metrics.jsonl.
+  from coatnet_jax.data import folders  # pylint: disable=g-import-not-at-top
+  broken = next(f'broken_{i}.png' for i in range(100)
+                if folders.bucket(f'normal/broken_{i}.png') < 80)
+  with open(os.path.join(root, 'normal', broken), 'wb') as f:
+    f.write(png[:len(png) // 3])
 
 
 @pytest.fixture(scope='module')
@@ -82,6 +88,8 @@ def test_metrics_equal_sklearn_on_the_checkpoints_predictions(transfer_run):
   _, workdir, proc = transfer_run
   assert 'Class-balanced loss' in proc.stderr and 'Fine-tuning from' in proc.stderr
   assert 'Confusion matrix' in proc.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert json.loads(f.readline())['data/skipped_images'] == 1
   records = _eval_records(workdir)
   assert [r['step'] for r in records] == [20, 40, 60]
   assert checkpointing.latest_metadata(workdir)['class_names'] == list(CLASSES)
@@ -134,7 +142,7 @@ def test_exported_model_predicts_the_folder_class_names(transfer_run, tmp_path):
   data, workdir, _ = transfer_run
   archive = str(tmp_path / 'model.zip')
   _run(['coatnet_jax.tools.export', '--workdir', workdir, '--out', archive, '--weights', 'params'])
-  images = [os.path.join(data, c, sorted(os.listdir(os.path.join(data, c)))[0]) for c in CLASSES]
+  images = [os.path.join(data, c, f'{c}_000.png') for c in CLASSES]
   proc = _run(['coatnet_jax.predict', '--model', archive, '--json'] + images)
   rows = [json.loads(line) for line in proc.stdout.strip().splitlines()]
   assert [r['path'] for r in rows] == images
@@ -148,3 +156,38 @@ def test_exported_model_predicts_the_folder_class_names(transfer_run, tmp_path):
     probs = np.asarray(jax.nn.softmax(logits))[0]
     assert [t['class'] for t in row['top']] == [CLASSES[i] for i in np.argsort(-probs)]
     assert [t['probability'] for t in row['top']] == pytest.approx(np.sort(probs)[::-1], abs=1e-4)
+
+
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_class_weights_weight_each_examples_loss(accum_steps):
+  """The step's loss equals the weighted mean of per-example losses computed apart from it."""
+  from coatnet_jax import losses, sharding  # pylint: disable=g-import-not-at-top
+  c = quickstart.get_config()
+  c.data.image_size = 16
+  c.loss.label_smoothing = 0.0
+  c.accum_steps = accum_steps
+  model = train.build_model(c, 2)
+  schedule, tx = train.build_optimizer(c, 100)
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  state = train.make_init_fn(c, model, tx)()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+  labels = np.array([0, 1, 1, 1], np.int32)
+  weights = losses.balanced_class_weights(np.array([10, 30]))
+  np.testing.assert_allclose(weights, [2.0, 2.0 / 3.0])
+
+  def weighted_mean(rows):
+    # Train mode (batch statistics of these rows); the quickstart model has no stochastic depth.
+    logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                            input_pipeline.normalize(images[rows]), train=True,
+                            mutable=['batch_stats'])
+    nll = -np.asarray(jax.nn.log_softmax(logits))[np.arange(len(rows)), labels[rows]]
+    return np.mean(weights[labels[rows]] * nll)
+
+  # Micro-batch i of the accumulated step takes rows i, i + accum, ...
+  want = np.mean([weighted_mean(np.arange(4)[i::accum_steps]) for i in range(accum_steps)])
+  batch = {'image': images, 'label': labels}
+  _, m = jax.jit(train.make_train_step(c, model, tx, schedule, 2, mesh, weights))(state, batch)
+  _, plain = jax.jit(train.make_train_step(c, model, tx, schedule, 2, mesh))(state, batch)
+  assert float(m['loss']) == pytest.approx(float(want), rel=1e-5)
+  assert abs(float(m['loss']) - float(plain['loss'])) > 1e-4

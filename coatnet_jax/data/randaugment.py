@@ -189,7 +189,7 @@ def affine(image, matrix):
 
   ``matrix`` = [a, b, c, d, e, f] in PIL's ``Image.transform(AFFINE)`` convention: the map acts
   on pixel centres (x + 0.5, y + 0.5) and the source pixel is the floor of the result, as PIL's
-  NEAREST. One gather of whole pixels from the image framed by one fill pixel, where every
+  NEAREST. One GatherNd of whole pixels from the image framed by one fill pixel, where every
   source outside the image lands (cheaper than ImageProjectiveTransform, which maps each channel).
   """
   h, w = image.shape[0], image.shape[1]
@@ -199,7 +199,9 @@ def affine(image, matrix):
   sx = tf.clip_by_value(tf.floor(a * xs + b * ys + (c + 1.0)), 0.0, w + 1.0)
   sy = tf.clip_by_value(tf.floor(d * xs + e * ys + (f + 1.0)), 0.0, h + 1.0)
   framed = tf.pad(image, [[1, 1], [1, 1], [0, 0]], constant_values=transforms.FILL)
-  return tf.gather(tf.reshape(framed, [-1, 3]), tf.cast(sy * (w + 2.0) + sx, tf.int32))
+  # GatherNd: the same gather with a lower cost per index than GatherV2.
+  return tf.gather_nd(tf.reshape(framed, [-1, 3]),
+                      tf.cast(sy * (w + 2.0) + sx, tf.int32)[..., None])
 
 
 def rotate(image, degrees):

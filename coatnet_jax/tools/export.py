@@ -86,7 +86,7 @@ def inference_fn(config, model):
   kind = config.loss.kind
   if kind not in ('softmax', 'sigmoid'):
     raise ExportError(f'Unknown config.loss.kind {kind!r}: softmax or sigmoid.')
-  dtype = train._dtype(config.model.get('dtype', 'float32'))  # pylint: disable=protected-access
+  dtype = train.dtype_of(config.model.get('dtype', 'float32'))
 
   def fn(variables, images):
     logits = model.apply(variables, input_pipeline.normalize(images, dtype), train=False)
