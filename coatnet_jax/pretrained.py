@@ -99,19 +99,17 @@ def read(path: str, step: Optional[int] = None, use_ema: bool = True) -> Pretrai
     raise InitError(f'Unreadable checkpoint {state_dir}: {checkpointing.one_line(e)}') from e
   is_leaf = lambda x: hasattr(x, 'shape')  # pylint: disable=unnecessary-lambda-assignment
   weights = 'ema' if use_ema and _has_arrays(saved.get('ema_params')) else 'params'
-  wanted = {'params': saved['ema_params' if weights == 'ema' else 'params'],
-            'batch_stats': saved.get('batch_stats') or {}}
-  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted, is_leaf=is_leaf)
-  item = {'ema_params' if weights == 'ema' else 'params': item['params'],
-          'batch_stats': item['batch_stats']}
+  key = 'ema_params' if weights == 'ema' else 'params'
+  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                      {key: saved[key], 'batch_stats': saved.get('batch_stats') or {}},
+                      is_leaf=is_leaf)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   try:
     out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except
     raise InitError(f'Reading {state_dir} failed: {checkpointing.one_line(e)}') from e
-  variables = {'params': out['ema_params' if weights == 'ema' else 'params'],
-               'batch_stats': out.get('batch_stats') or {}}
+  variables = {'params': out[key], 'batch_stats': out.get('batch_stats') or {}}
   return Pretrained(variables, metadata, step, os.path.dirname(state_dir), weights)
 
 

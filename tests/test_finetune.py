@@ -10,8 +10,6 @@ bilinear resize for the tables, timm's state dict for the import, the trainer's 
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import flax
 import jax
@@ -23,18 +21,7 @@ from configs import quickstart
 from coatnet_jax import checkpointing
 from coatnet_jax import pretrained
 from coatnet_jax import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(args, check=True, timeout=1800):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m'] + args, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-  if check:
-    assert proc.returncode == 0, proc.stderr[-5000:]
-  return proc
+from run_module import run_module as _run
 
 
 def _metrics(workdir):

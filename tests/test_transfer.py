@@ -8,8 +8,6 @@ metric is recomputed from the checkpoint's own predictions with scikit-learn.
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -21,20 +19,10 @@ from coatnet_jax import checkpointing
 from coatnet_jax import input_pipeline
 from coatnet_jax import pretrained
 from coatnet_jax import train
+from run_module import run_module as _run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 40
 CLASSES = ('abnormal', 'normal')
-
-
-def _run(args, check=True, timeout=1800):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run([sys.executable, '-m'] + args, cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-  if check:
-    assert proc.returncode == 0, proc.stderr[-5000:]
-  return proc
 
 
 def _write_dataset(root):
