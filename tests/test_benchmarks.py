@@ -52,3 +52,28 @@ def test_timm(mode):
   assert (r['impl'], r['model'], r['mode'], r['res']) == ('timm', 'coatnet_0_224', mode, 64)
   # Training counts forward + backward: 3x the forward FLOPs of the same model and size.
   assert 0.5 < r['gflops_per_img'] / (3 if mode == 'train' else 1) < 1.0  # ~0.72 at 64 px.
+
+
+def test_input_pipeline_benchmark_reports_every_figure():
+  proc = subprocess.run(
+      [sys.executable, '-m', 'benchmarks.input_pipeline', '--images', '6', '--size', '64',
+       '--seconds', '1.2', '--rounds', '2', '--quality', '90', '--train_images_per_sec', '100'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  rates = ('a_decode_per_core', 'a_decode_resize_per_core', 'b_train_per_core',
+           'b_train_no_ra_per_core', 'c_eval_per_core')
+  assert all(r[k] > 0 for k in rates), r
+  low, high = r['b_over_a_range']
+  assert low - 1e-3 <= r['b_over_a'] <= high + 1e-3, r  # The median of the per-round ratios.
+  assert r['b_over_a'] == pytest.approx(r['b_train_per_core'] / r['a_decode_per_core'], rel=0.5)
+  assert r['cores_to_feed'] == pytest.approx(100 / r['b_train_per_core'], rel=1e-2)
+  assert (r['images'], r['size'], r['quality'], r['randaugment']) == (6, 64, 90, [2, 15])
+
+
+def test_input_pipeline_benchmark_files_are_as_dense_as_imagenet():
+  """The default files average near ImageNet-1K's 113 KiB; quality 90 gives half (see the doc)."""
+  from benchmarks.input_pipeline import make_jpegs  # pylint: disable=g-import-not-at-top
+  dense, sparse = (sum(map(len, make_jpegs(20, quality=q))) / 20 / 1024 for q in (98, 90))
+  assert 85 < dense < 130, dense
+  assert sparse < 0.6 * dense, (sparse, dense)
