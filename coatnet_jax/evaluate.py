@@ -64,10 +64,11 @@ def evaluate(pre: pretrained.Pretrained, config) -> dict:
                       in_shardings=(rep, rep, sharding.batch_sharding(mesh)), out_shardings=rep)
   params = jax.device_put(variables['params'], rep)
   batch_stats = jax.device_put(variables['batch_stats'], rep)
+  info = input_pipeline.get_info(config.data)
   batches = input_pipeline.eval_iterator(config.data, batch, process_index=jax.process_index(),
                                          process_count=jax.process_count())
-  results = train.evaluate(eval_step, params, batch_stats, batches, mesh, config.loss.kind)
-  info = input_pipeline.get_info(config.data)
+  results = train.evaluate(eval_step, params, batch_stats, batches, mesh, config.loss.kind,
+                           info.class_names)  # Confusion counts by class name, as in training.
   if results['count'] != info.eval_size:
     raise RuntimeError(f'Evaluated {results["count"]} examples; the split has {info.eval_size}.')
   return results

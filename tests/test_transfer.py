@@ -96,6 +96,19 @@ def test_metrics_equal_sklearn_on_the_checkpoints_predictions(transfer_run):
   assert any(0 < f1 < 1 and 0.5 < auc < 1 for f1, auc in summaries)
 
 
+def test_evaluate_reports_the_runs_metrics_by_class_name(transfer_run):
+  _, workdir, _ = transfer_run
+  proc = _run(['coatnet_jax.evaluate', '--workdir', workdir, '--weights', 'params'])
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  logged = _eval_records(workdir)[-1]
+  assert got['step'] == logged['step'] == 60
+  for t in CLASSES:
+    for p in CLASSES:
+      assert got[f'confusion/{t}/{p}'] == logged[f'eval/confusion/{t}/{p}'], (t, p)
+  for k in ('top1', 'f1', 'roc_auc'):
+    assert got[k] == pytest.approx(logged[f'eval/{k}'], abs=1e-6), k
+
+
 def _sklearn_metrics(workdir, step):
   """The metrics of checkpoint ``step``'s own predictions on the eval split, by scikit-learn."""
   pre = pretrained.read(workdir, step=step, use_ema=False)
