@@ -3,7 +3,12 @@
 Every number a run can change is here or in the recipe files, never in the trainer.
 """
 
+import dataclasses
+import typing
+
 import ml_collections
+
+from coatnet_jax import models
 
 
 def parse_arg(arg, **defaults):
@@ -18,6 +23,20 @@ def parse_arg(arg, **defaults):
   return out
 
 
+def model_switches():
+  """Every field of ``models.Options`` with its default, declared there once, so that each can be
+  set with ``--config.model.switches.NAME=VALUE`` (a field added to Options appears here too)."""
+  hints = typing.get_type_hints(models.Options)
+  switches = ml_collections.ConfigDict()
+  for field in dataclasses.fields(models.Options):
+    default = getattr(models.Options(), field.name)
+    if default is None:  # Optional[X]: a typed reference, so that an override parses as X.
+      kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), str)
+      default = ml_collections.FieldReference(None, field_type=kind)
+    switches[field.name] = default
+  return switches
+
+
 def get_base_config():
   """The fields the trainer reads, with neutral defaults."""
   c = ml_collections.ConfigDict()
@@ -28,7 +47,7 @@ def get_base_config():
   c.model.name = 'coatnet_0'
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
   c.model.drop_path_rate = 0.0
-  c.model.switches = ml_collections.ConfigDict()  # models.Options fields, e.g. pool='avg'.
+  c.model.switches = model_switches()  # Every models.Options field, with its default there.
 
   c.data = ml_collections.ConfigDict()
   # 'digits' (sklearn's, in memory, no TF), 'tfrecords' (JFT-style multi-label TFRecords by glob),

@@ -18,7 +18,8 @@ from coatnet_jax.data import DataNotFoundError
 
 PREPARE = {
     'imagenet2012': 'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-                    'DATA_DIR/downloads/manual and run: tfds build imagenet2012 --data_dir DATA_DIR',
+                    'DATA_DIR/downloads/manual and run: python -m coatnet_jax.data.prepare '
+                    'imagenet2012 --data_dir DATA_DIR',
     'imagenet21k': 'python -m coatnet_jax.data.imagenet21k --manual_dir RELEASE_DIR '
                    '--data_dir DATA_DIR',
 }
