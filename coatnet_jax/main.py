@@ -9,9 +9,9 @@ one ``error: ...`` line and exit status 1, never a traceback.
 import os
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
+from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 import jax
 from ml_collections import config_flags
 
@@ -53,19 +53,10 @@ def _compilation_cache(config):
     logging.info('Persistent compilation cache: %s', cache_dir)
 
 
-class _QuietLibraries:
-  """Drops INFO lines from Orbax, which logs every save in detail, so the progress lines show."""
-
-  def filter(self, record):
-    if record.name == 'asyncio' and 'never retrieved' in str(record.msg):
-      return False  # Orbax's internal futures of a failed save; the error itself is raised once.
-    return record.levelno >= 30 or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+    cli.fail(f'unexpected arguments {" ".join(argv[1:])}; flags are --config, --workdir, '
+             f'--config.a.b=VALUE.')
   config = _CONFIG.value
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -89,21 +80,8 @@ def main(argv):
     sys.exit(f'error: {message}')
 
 
-def _parse_flags(argv):
-  """absl's parser, with config flag errors (unknown field, wrong type) as one line."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
-  except (AttributeError, KeyError) as e:  # config_flags: an override of a field that is absent.
-    field = str(e).strip('"\'')
-    sys.exit(f'error: unknown config field {field!r} in a --config.* override.')
-  except Exception as e:  # pylint: disable=broad-except  # A config file that fails to load.
-    sys.exit(f'error: {type(e).__name__}: {" ".join(str(e).split())}')
-
-
 def run():
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, flags_parser=cli.parse_config_flags)
 
 
 if __name__ == '__main__':

@@ -17,9 +17,12 @@ def parse_arg(arg, **defaults):
   for item in filter(None, (arg or '').split(',')):
     key, _, value = item.partition('=')
     if key not in defaults:
-      raise ValueError(f'Unknown config argument {key!r}; valid: {sorted(defaults)}.')
+      raise ValueError(f'unknown config argument {key}; valid: {", ".join(sorted(defaults))}.')
     kind = type(defaults[key])
-    out[key] = (value or True) if kind is bool and not value else kind(value)
+    try:
+      out[key] = (value or True) if kind is bool and not value else kind(value)
+    except ValueError:
+      raise ValueError(f'config argument {key}={value} is not a valid {kind.__name__}.') from None
   return out
 
 

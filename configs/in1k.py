@@ -27,7 +27,7 @@ DROP_PATH = {'coatnet_0': 0.2, 'coatnet_1': 0.3, 'coatnet_2': 0.5, 'coatnet_3': 
 def get_config(arg=None):
   args = common.parse_arg(arg, variant='coatnet_0', runlocal=False)
   if args.variant not in DROP_PATH:
-    raise ValueError(f'in1k has recipes for {sorted(DROP_PATH)}; got {args.variant!r}.')
+    raise ValueError(f'variant={args.variant}: in1k has recipes for {", ".join(DROP_PATH)}.')
   c = common.get_base_config()
   c.model.name = args.variant
   c.model.drop_path_rate = DROP_PATH[args.variant]

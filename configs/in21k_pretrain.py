@@ -24,7 +24,8 @@ DROP_PATH = {'coatnet_2': 0.3, 'coatnet_3': 0.5, 'coatnet_4': 0.7}
 def get_config(arg=None):
   args = common.parse_arg(arg, variant='coatnet_2', ra=False, runlocal=False)
   if args.variant not in DROP_PATH:
-    raise ValueError(f'in21k_pretrain has recipes for {sorted(DROP_PATH)}; got {args.variant!r}.')
+    raise ValueError(f'variant={args.variant}: in21k_pretrain has recipes for '
+                     f'{", ".join(DROP_PATH)}.')
   c = common.get_base_config()
   c.model.name = args.variant
   c.model.drop_path_rate = DROP_PATH[args.variant]

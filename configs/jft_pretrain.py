@@ -23,7 +23,7 @@ RECIPE = {  # variant: (peak lr, stochastic depth)
 def get_config(arg=None):
   args = common.parse_arg(arg, variant='coatnet_3', runlocal=False)
   if args.variant not in RECIPE:
-    raise ValueError(f'jft_pretrain has recipes for {sorted(RECIPE)}; got {args.variant!r}.')
+    raise ValueError(f'variant={args.variant}: jft_pretrain has recipes for {", ".join(RECIPE)}.')
   c = common.get_base_config()
   c.model.name = args.variant
   c.optim.lr, c.model.drop_path_rate = RECIPE[args.variant]
