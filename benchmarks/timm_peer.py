@@ -16,15 +16,13 @@ import argparse
 import json
 import time
 
-import timm
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 # Dense bf16 peak FLOP/s (vendor figures), the same as coatnet_jax.metrics.PEAK_FLOPS for GPUs.
 PEAK_FLOPS = {'H200': 989e12, 'H100': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10G': 70e12}
 
 
 def forward_flops(model, res: int, device) -> int:
+  import torch  # pylint: disable=g-import-not-at-top  (so that --help needs no torch)
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
   model.eval()
   with torch.no_grad(), FlopCounterMode(display=False) as counter:
     model(torch.zeros(1, 3, res, res, device=device))
@@ -33,6 +31,8 @@ def forward_flops(model, res: int, device) -> int:
 
 def run(model_name='coatnet_0_224', batch=256, res=224, steps=20, warmup=5, compile_=False,
         mode='train', num_classes=1000) -> dict:
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
   cuda = torch.cuda.is_available()
   device = torch.device('cuda' if cuda else 'cpu')
   if compile_:

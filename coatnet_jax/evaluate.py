@@ -1,6 +1,7 @@
 r"""Evaluates a checkpoint on a split, exactly (every example once), at its own or another size.
 
   python -m coatnet_jax.evaluate --workdir DIR [--res 384] [--split validation] [--data_dir D]
+      [--dtype float32|bfloat16]
 
 The config is the one saved with the checkpoint (model, data, eval protocol), so the numbers are
 those the run itself would report; ``--res`` resizes the relative-bias tables (bilinear) and the
@@ -12,7 +13,7 @@ last, the same as one JSON object.
 import json
 import sys
 
-from absl import app
+from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 from absl import flags
 from absl import logging
 import jax
@@ -31,13 +32,17 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'data.data_dir; default: the r
 _BATCH = flags.DEFINE_integer('batch_size', 0, 'Global eval batch; 0: the run\'s.')
 _WEIGHTS = flags.DEFINE_enum('weights', 'auto', ['auto', 'ema', 'params'],
                              'auto: the EMA parameters when the run kept them.')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                           'Compute dtype; default: the run\'s (model.dtype).')
 flags.mark_flags_as_required(['workdir'])
 
 
 def eval_config(pre: pretrained.Pretrained, res=0, split=None, dataset=None, data_dir=None,
-                batch_size=0):
+                batch_size=0, dtype=None):
   """The source run's config with the evaluation overrides applied."""
   config = pre.config
+  if dtype:
+    config.model.dtype = dtype
   if res:
     config.data.image_size = res
   if dataset:
@@ -76,13 +81,13 @@ def evaluate(pre: pretrained.Pretrained, config) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   try:
     pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
     if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
       raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
     config = eval_config(pre, _RES.value, _SPLIT.value, _DATASET.value, _DATA_DIR.value,
-                         _BATCH.value)
+                         _BATCH.value, _DTYPE.value)
     results = evaluate(pre, config)
   except (pretrained.InitError, input_pipeline.DataNotFoundError, OSError, ValueError) as e:
     sys.exit(f'error: {" ".join(str(e).split())}')
@@ -96,4 +101,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

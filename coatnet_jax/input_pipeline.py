@@ -139,7 +139,8 @@ SOURCES = {'tfrecords': 'tfrecords', 'folders': 'folders'}
 
 
 def _tf():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from coatnet_jax import cli  # pylint: disable=g-import-not-at-top
+  tf = cli.import_tensorflow()  # Without its C++ start-up banners.
   tf.config.set_visible_devices([], 'GPU')  # Keep TF off the accelerators JAX owns.
   return tf
 
@@ -152,10 +153,19 @@ def _source(config):
   return module.Source(config)
 
 
-def _eval_crop(config):
-  """Eval protocol: ``data.crop_fraction`` < 1 centre-crops (pre-training); None or 1 resizes the
-  whole image without a crop (fine-tuning, paper Table 10)."""
-  return config.get('crop_fraction', 0.875)
+def eval_protocol(config) -> dict:
+  """The eval transform of a run (``config.data``), as data: what the eval pipeline applies, what
+  ``tools.export`` records and what ``predict`` applies to image files (data.transforms.eval_image).
+
+  ``crop_fraction`` < 1 centre-crops (pre-training); None resizes the whole image without a crop
+  (fine-tuning, paper Table 10; a crop_fraction of 1 or more means the same). The digits are
+  upsampled by nearest neighbour and never cropped.
+  """
+  if config.name == 'digits':
+    return {'crop_fraction': None, 'resize_method': 'nearest'}
+  crop = config.get('crop_fraction', 0.875)
+  return {'crop_fraction': None if crop is None or crop >= 1 else float(crop),
+          'resize_method': config.get('eval_resize_method', 'bicubic')}
 
 
 def _as_numpy(ds):
@@ -192,12 +202,12 @@ def _tf_eval(config, global_batch, process_index, process_count):
   from coatnet_jax.data import transforms  # pylint: disable=g-import-not-at-top
   source = _source(config)
   local = local_batch_size(global_batch, process_count)
-  crop = _eval_crop(config)
+  protocol = eval_protocol(config)
   ds = streams.eval_dataset(
       source.ordered(config.eval_split, process_index, process_count),
       source.local_eval_sizes(config.eval_split, process_count), local,
-      transform=lambda b: transforms.eval_image(b, config.image_size, crop,
-                                                config.get('eval_resize_method', 'bicubic')),
+      transform=lambda b: transforms.eval_image(b, config.image_size, protocol['crop_fraction'],
+                                                protocol['resize_method']),
       prepare_label=source.prepare_label, image_size=config.image_size,
       blank_label=source.blank_label())
   return _as_numpy(ds)

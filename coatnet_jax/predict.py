@@ -15,12 +15,11 @@ status 1) before anything is printed.
 """
 
 import json
-import os
 import re
 import sys
 import zipfile
 
-from absl import app
+from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 from absl import flags
 import flax
 import jax
@@ -70,8 +69,7 @@ def load(path: str):
 
 
 def _tf():
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = cli.import_tensorflow()  # Without its C++ start-up banners.
   tf.config.set_visible_devices([], 'GPU')  # Keep TF off the accelerators JAX owns.
   return tf
 
@@ -132,9 +130,9 @@ def top_classes(probs: np.ndarray, names, k: int) -> list:
 def main(argv):
   paths = argv[1:]
   if not paths:
-    raise app.UsageError('Give one or more image files.')
+    cli.fail('Give one or more image files.')
   if _TOP.value < 1 or _BATCH.value < 1:
-    raise app.UsageError('--top and --batch_size must be positive.')
+    cli.fail('--top and --batch_size must be positive.')
   try:
     meta, exported, variables = load(_MODEL.value)
     platform = jax.default_backend()
@@ -159,4 +157,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

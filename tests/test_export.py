@@ -47,6 +47,7 @@ def exported(tmp_path_factory):
   """(workdir, archive path) of a random pico (noisy, so outputs differ by class) exported at 48."""
   root = tmp_path_factory.mktemp('export')
   c = quickstart.get_config()
+  c.data.name = 'imagenet2012'  # A run with the pre-training eval protocol: crop 0.875, bicubic.
   model = train.build_model(c, len(NAMES))
   # Random values of the model's shapes (no compilation): scales near 1, running variances > 0.
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),

@@ -202,3 +202,35 @@ def test_import_timm_writes_a_checkpoint_that_init_accepts(tmp_path):
   bad = _run(['coatnet_jax.tools.import_timm', '--model', 'coatnet_5_224', '--weights',
               weights, '--out', str(tmp_path / 'c5')], check=False)
   assert bad.returncode == 1 and 'channels per head' in bad.stderr
+
+
+def test_predict_on_digit_files_agrees_with_the_runs_eval_on_every_example(pretrain, tmp_path):
+  """The quickstart's 359 test digits as 8x8 PNG files through export + predict: the archive
+  records the run's eval transform (nearest upsampling, no crop), so every prediction is the
+  run's own, and their accuracy is the run's logged eval/top1."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from coatnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  workdir, cache = pretrain
+  archive = str(tmp_path / 'digits.zip')
+  _run(['coatnet_jax.tools.export', '--workdir', workdir, '--out', archive, '--platforms', 'cpu'])
+  # The test split's original 8x8 digits (values 0..16 -> 0..255), identified by their pixels.
+  digits = datasets.load_digits()
+  eight = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+  images32, labels = input_pipeline._digits_arrays(32, 'test')  # pylint: disable=protected-access
+  by_pixels = {e.tobytes(): e for e in eight}
+  paths = []
+  for i, image in enumerate(images32):
+    small = by_pixels[image[::4, ::4, 0].tobytes()]
+    paths.append(str(tmp_path / f'digit_{i:03d}.png'))
+    Image.fromarray(small, 'L').save(paths[-1])
+  proc = _run(['coatnet_jax.predict', '--model', archive, '--json', '--top', '1',
+               '--batch_size', '120', *paths])
+  predicted = [json.loads(l)['top'][0]['index'] for l in proc.stdout.splitlines() if l.strip()]
+  # The run's own eval, example by example: its model on the eval pipeline's images.
+  pre = pretrained.read(workdir)
+  model = train.build_model(pre.config, pre.num_classes)
+  logits = model.apply(pre.variables, input_pipeline.normalize(images32), train=False)
+  np.testing.assert_array_equal(predicted, np.argmax(np.asarray(logits), -1))
+  logged = [r for r in _metrics(workdir) if 'eval/top1' in r][-1]
+  assert np.sum(np.asarray(predicted) == labels) == round(logged['eval/top1'] * len(labels))

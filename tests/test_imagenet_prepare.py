@@ -103,16 +103,10 @@ def imagenet2012(tmp_path_factory):
 def test_imagenet2012_through_tfds_builder(imagenet2012):
   data_dir, train = imagenet2012
   names, val_labels = _tfds_file('labels.txt'), _tfds_file('validation_labels.txt')
-  out = _python(f"""
-      import json
-      import tensorflow_datasets as tfds
-      rows = []
-      for split in ('train', 'validation'):
-        for e in tfds.as_numpy(tfds.load('imagenet2012', split=split, data_dir={data_dir!r})):
-          rows.append((split, e['file_name'].decode(), int(e['label']), e['image'].shape))
-      print(json.dumps(rows))
-  """, cwd=data_dir)
-  rows = json.loads(out.strip().splitlines()[-1])
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  rows = [(split, e['file_name'].decode(), int(e['label']), e['image'].shape)
+          for split in ('train', 'validation')
+          for e in tfds.as_numpy(tfds.load('imagenet2012', split=split, data_dir=data_dir))]
   got_train = {n: names[label] for split, n, label, _ in rows if split == 'train'}
   assert got_train == train  # Synset ids -> TFDS's class indices.
   got_val = {n: names[label] for split, n, label, _ in rows if split == 'validation'}
@@ -124,13 +118,13 @@ def test_imagenet2012_through_tfds_builder(imagenet2012):
 
 def test_in1k_recipe_data_path_trains_and_evaluates(imagenet2012, tmp_path):
   """configs/in1k.py (Inception crop, RandAugment 2/15, Mixup, 0.875 crop) on the prepared data,
-  with coatnet_pico at 64 px, from a directory that is not the repository root."""
+  with coatnet_pico at 64 px, started outside the repository root with a switch overridden."""
   data_dir, _ = imagenet2012
   workdir = str(tmp_path / 'run')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
   proc = subprocess.run(
-      [sys.executable, '-m', 'coatnet_jax.main', '--config',
-       os.path.join(ROOT, 'configs', 'in1k.py') + ':runlocal', '--workdir', workdir,
+      [sys.executable, '-m', 'coatnet_jax.main', '--config', 'configs/in1k.py:runlocal',
+       '--workdir', workdir, '--config.model.switches.pool=avg',
        f'--config.data.data_dir={data_dir}', '--config.total_steps=2', '--config.batch_size=4',
        '--config.data.eval_split=validation', '--config.eval_batch_size=8',
        '--config.log_every_steps=1',
@@ -141,11 +135,14 @@ def test_in1k_recipe_data_path_trains_and_evaluates(imagenet2012, tmp_path):
   evals = [r for r in records if 'eval/count' in r]
   assert [r['step'] for r in evals] == [2] and evals[0]['eval/count'] == VAL_IMAGES
   assert all(np.isfinite(r['train/loss']) for r in records if 'train/loss' in r)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = json.load(f)
+  assert config['model']['switches']['pool'] == 'avg' and config['data']['crop_fraction'] == 0.875
 
 
 def test_imagenet21k_as_a_library_and_from_the_command_line(tmp_path):
-  """tfds.builder('imagenet21k') after importing the builder's module; tfds.load of the prepared
-  data in a fresh interpreter that never imports it; the command line on the same release."""
+  """tfds.builder('imagenet21k') once the builder's module is imported (as this test module
+  does); the command line on the same release; tfds.load of both in a fresh interpreter."""
   from coatnet_jax.data import imagenet21k  # pylint: disable=g-import-not-at-top
   release = tmp_path / 'release'
   release.mkdir()
@@ -159,22 +156,21 @@ def test_imagenet21k_as_a_library_and_from_the_command_line(tmp_path):
         _tar((n, _image(i)) for i, n in enumerate(names[s])))
   want = sorted((n, sorted(names).index(s)) for s, ns in names.items() for n in ns)
   lib_dir, cli_dir = str(tmp_path / 'lib'), str(tmp_path / 'cli')
-  _python(f"""
-      import tensorflow_datasets as tfds
-      import coatnet_jax.data.imagenet21k  # Registers 'imagenet21k' with TFDS.
-      tfds.builder('imagenet21k', data_dir={lib_dir!r}).download_and_prepare(
-          download_config=tfds.download.DownloadConfig(manual_dir={str(release)!r}))
-  """, cwd=str(tmp_path))
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.builder('imagenet21k', data_dir=lib_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(release)))
   run_module(['coatnet_jax.data.prepare', 'imagenet21k', '--data_dir', cli_dir, '--manual_dir',
               str(release)])
-  for data_dir in (lib_dir, cli_dir):
-    out = _python(f"""
-        import json
-        import tensorflow_datasets as tfds
+  # A fresh interpreter that never imports the builder's module reads both by name.
+  out = _python(f"""
+      import json
+      import tensorflow_datasets as tfds
+      for data_dir in ({lib_dir!r}, {cli_dir!r}):
         rows = []
         for split in ('train', 'validation'):
           rows += [(e['file_name'].decode(), int(e['label'])) for e in tfds.as_numpy(
-              tfds.load('imagenet21k', split=split, data_dir={data_dir!r}))]
+              tfds.load('imagenet21k', split=split, data_dir=data_dir))]
         print(json.dumps(sorted(rows)))
-    """, cwd=str(tmp_path))
-    assert [tuple(r) for r in json.loads(out.strip().splitlines()[-1])] == want
+  """, cwd=str(tmp_path))
+  for line in out.strip().splitlines()[-2:]:
+    assert [tuple(r) for r in json.loads(line)] == want

@@ -24,10 +24,12 @@ shift, so bit-exact resume holds either way; only the count is then not known in
 
 import json
 import os
-import sys
 
 from absl import logging
-import tensorflow as tf
+
+from coatnet_jax import cli
+
+tf = cli.import_tensorflow()  # Without its C++ start-up banners.
 
 from coatnet_jax.data import DataNotFoundError
 
@@ -222,7 +224,15 @@ def write_counts(pattern, validate=True):
   _COUNT_CACHE.clear()
 
 
+def main(argv=None):
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(description='Counts the records of JFT-style TFRecord files '
+                                   'and lists the undecodable ones (counts.json, bad_records.json '
+                                   'beside them).')
+  parser.add_argument('--write_counts', required=True, metavar='GLOB',
+                      help="the files, e.g. 'DIR/*.tfrecord' (quoted)")
+  write_counts(parser.parse_args(argv).write_counts)
+
+
 if __name__ == '__main__':
-  if len(sys.argv) != 3 or sys.argv[1] != '--write_counts':
-    sys.exit('usage: python -m coatnet_jax.data.tfrecords --write_counts GLOB')
-  write_counts(sys.argv[2])
+  main()

@@ -1,7 +1,7 @@
 r"""Exports a checkpoint's inference function (``jax.export``) as one self-contained archive.
 
   python -m coatnet_jax.tools.export --workdir DIR --out model.zip [--res 384] [--step N]
-      [--weights auto|ema|params] [--platforms cpu,cuda,tpu]
+      [--weights auto|ema|params] [--platforms cpu,cuda,tpu] [--dtype float32|bfloat16]
 
 The exported function is ``fn(variables, images) -> probabilities``: ``images`` a uint8 RGB NHWC
 batch of shape (b, res, res, 3), 0..255, with a polymorphic batch ``b``; the output float32 class
@@ -30,7 +30,7 @@ import sys
 import tempfile
 import zipfile
 
-from absl import app
+from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 from absl import flags
 from absl import logging
 import flax
@@ -55,6 +55,8 @@ _RES = flags.DEFINE_integer('res', 0, 'Input resolution; 0: the run\'s own.')
 _STEP = flags.DEFINE_integer('step', 0, 'Checkpoint step; 0: the newest complete one.')
 _WEIGHTS = flags.DEFINE_enum('weights', 'auto', ['auto', 'ema', 'params'],
                              'auto: the EMA parameters when the run kept them.')
+_DTYPE = flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'],
+                           'Compute dtype of the exported function; default: the run\'s.')
 _PLATFORMS = flags.DEFINE_list(
     'platforms', list(DEFAULT_PLATFORMS),
     f'Platforms to lower for, any of {",".join(PLATFORMS)}; no such device is needed to export.')
@@ -96,8 +98,9 @@ def inference_fn(config, model):
   return fn
 
 
-def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS):
-  """(serialized export, numpy variables, meta) of ``pre`` at ``res`` (0: the run's own)."""
+def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS, dtype=None):
+  """(serialized export, numpy variables, meta) of ``pre`` at ``res`` (0: the run's own), computing
+  in ``dtype`` ('float32' or 'bfloat16'; None: the run's)."""
   platforms = tuple(platforms)
   unknown = [p for p in platforms if p not in PLATFORMS]
   if unknown or not platforms:
@@ -105,6 +108,8 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
   config = pre.config
   res = int(res or config.data.image_size)
   config.data.image_size = res
+  if dtype:
+    config.model.dtype = dtype
   num_classes = pre.num_classes
   names = class_names(pre.metadata, num_classes)
   model = train.build_model(config, num_classes)
@@ -118,7 +123,7 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
   except Exception as e:  # pylint: disable=broad-except
     raise ExportError(f'Lowering for {",".join(platforms)} failed: '
                       f'{" ".join(str(e).split())[:400]}') from e
-  data = config.data
+  protocol = input_pipeline.eval_protocol(config.data)
   meta = {
       'format': FORMAT,
       'model': pre.metadata.get('model', config.model.name),
@@ -128,10 +133,9 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
       'output': config.loss.kind,
       'input': f'uint8 RGB NHWC (b, {res}, {res}, 3), 0..255',
       'dtype': config.model.get('dtype', 'float32'),
-      # The eval protocol (input_pipeline._tf_eval): crop_fraction None or >= 1 resizes the whole
-      # image without a crop.
-      'crop_fraction': data.get('crop_fraction', 0.875),
-      'eval_resize_method': data.get('eval_resize_method', 'bicubic'),
+      # The eval transform the run applied (input_pipeline.eval_protocol); predict applies it.
+      'crop_fraction': protocol['crop_fraction'],
+      'eval_resize_method': protocol['resize_method'],
       'workdir': os.path.dirname(os.path.dirname(pre.path)),
       'step': int(pre.step),
       'weights': pre.weights,
@@ -150,12 +154,19 @@ def write_archive(out: str, exported: bytes, variables: dict, meta: dict) -> Non
       z.writestr(META, json.dumps(meta, indent=1) + '\n', zipfile.ZIP_DEFLATED)
       z.writestr(EXPORTED, exported, zipfile.ZIP_STORED)
       z.writestr(VARIABLES, flax.serialization.msgpack_serialize(variables), zipfile.ZIP_STORED)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the archive is an ordinary file.
     os.replace(tmp, out)
   except BaseException as e:
     _remove(tmp)
     if isinstance(e, OSError):
       raise ExportError(f'Cannot write {out}: {e.strerror or e}') from e
     raise
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def _open_temp(out: str):
@@ -184,14 +195,15 @@ def check_writable(out: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   out = _OUT.value
   try:
     check_writable(out)
     pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
     if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
       raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
-    exported, variables, meta = export(pre, _RES.value, [p.strip() for p in _PLATFORMS.value])
+    exported, variables, meta = export(pre, _RES.value, [p.strip() for p in _PLATFORMS.value],
+                                       _DTYPE.value)
     write_archive(out, exported, variables, meta)
   except (pretrained.InitError, ExportError, OSError, ValueError) as e:
     sys.exit(f'error: {" ".join(str(e).split())}')
@@ -203,4 +215,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import time
 
-from absl import app
+from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -164,7 +164,7 @@ def tpu_mesh(topology: str, mesh_sizes: dict):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   sizes = parse_mesh(_MESH.value)
   n = math.prod(sizes.values())
   jax.config.update('jax_platforms', 'cpu')
@@ -172,7 +172,7 @@ def main(argv):
   config = _CONFIG.value
   batch_size = _BATCH.value or config.batch_size
   if batch_size % n:
-    raise app.UsageError(f'Batch {batch_size} is not divisible by {n} devices.')
+    cli.fail(f'Batch {batch_size} is not divisible by {n} devices.')
   num_classes, train_size = dataset_info(config, _NUM_CLASSES.value, _TRAIN_SIZE.value)
   what = (f'{config.model.name} train step, {config.data.image_size} px, global batch '
           f'{batch_size}, {config.model.dtype}, {num_classes} classes, mesh '
@@ -191,4 +191,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  app.run(main)
+  cli.run(main)

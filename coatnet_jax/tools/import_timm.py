@@ -15,7 +15,7 @@ import dataclasses
 import os
 import sys
 
-from absl import app
+from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 from absl import flags
 from absl import logging
 import numpy as np
@@ -27,6 +27,9 @@ from coatnet_jax import models
 _MODEL = flags.DEFINE_string('model', None, 'timm model name, e.g. coatnet_0_224.')
 _WEIGHTS = flags.DEFINE_string('weights', None, 'A .safetensors (or .pth/.bin) state dict.')
 _OUT = flags.DEFINE_string('out', None, 'A new directory for the checkpoint.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           'Compute dtype saved with the weights (what evaluate, export and a '
+                           'fine-tune use unless told otherwise); parameters stay float32.')
 flags.mark_flags_as_required(['model', 'weights', 'out'])
 
 
@@ -41,7 +44,7 @@ def load_state_dict(path: str) -> dict:
   return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
 
 
-def import_timm(model_name: str, weights: str, out: str) -> dict:
+def import_timm(model_name: str, weights: str, out: str, dtype: str = 'float32') -> dict:
   """Converts and writes; returns the saved metadata."""
   if model_name not in convert.TIMM_MODELS:
     raise ValueError(f'Unknown timm model {model_name!r}; supported: '
@@ -62,6 +65,7 @@ def import_timm(model_name: str, weights: str, out: str) -> dict:
   from configs import common  # pylint: disable=g-import-not-at-top
   config = common.get_base_config()
   config.model.name = variant
+  config.model.dtype = dtype
   config.model.switches.update(dataclasses.asdict(models.TIMM_OPTIONS))
   config.num_classes = num_classes
   config.data.image_size = convert.TIMM_IMAGE_SIZE
@@ -71,10 +75,10 @@ def import_timm(model_name: str, weights: str, out: str) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO.
   try:
-    meta = import_timm(_MODEL.value, _WEIGHTS.value, _OUT.value)
+    meta = import_timm(_MODEL.value, _WEIGHTS.value, _OUT.value, _DTYPE.value)
   except (ValueError, KeyError, OSError, checkpointing.CheckpointError) as e:
     sys.exit(f'error: {" ".join(str(e).split())}')
   print(f'Wrote {meta["model"]} ({meta["num_classes"]} classes, timm switches) to {_OUT.value}; '
@@ -82,4 +86,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

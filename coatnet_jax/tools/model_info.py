@@ -11,7 +11,9 @@ Usage:
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from coatnet_jax import cli
 
 from coatnet_jax import cost
 from coatnet_jax.models import PAPER_GMACS, PAPER_PARAMS, get_model
@@ -51,7 +53,7 @@ def _format(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   # Bad input ends in one line on stderr (exit status 1), before any tracing.
   for name in _MODELS.value:
     try:
@@ -76,4 +78,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
