@@ -131,15 +131,34 @@ class _TensorBoard:
     self._file.close()
 
 
+def record_kind(values) -> frozenset:
+  """What a record reports: the first parts of its keys ({'eval'}, {'train'}, ...)."""
+  return frozenset(str(k).split('/')[0] for k in values if k != 'step')
+
+
 class MetricWriter:
-  """One JSON object per line in ``workdir/metrics.jsonl`` plus TensorBoard; process 0 only."""
+  """One JSON object per line in ``workdir/metrics.jsonl`` plus TensorBoard; process 0 only.
+
+  Never two records of one kind for one step: a record of a (step, kind) already in the file (a
+  finished run started again evaluates its last step again) is not written a second time.
+  """
 
   def __init__(self, workdir, tensorboard: bool = True):
     self._active = jax.process_index() == 0
     self._jsonl = self._tb = None
+    self._written = set()
     if self._active:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if os.path.exists(path):
+        with open(path) as f:
+          for line in f:
+            try:
+              record = json.loads(line)
+            except ValueError:
+              continue
+            self._written.add((record.get('step'), record_kind(record)))
+      self._jsonl = open(path, 'a')
       if tensorboard:
         self._tb = _TensorBoard(os.path.join(workdir, 'tensorboard'))
 
@@ -147,6 +166,12 @@ class MetricWriter:
     if not self._active:
       return
     values = {k: float(v) for k, v in values.items()}
+    key = (int(step), record_kind(values))
+    if key in self._written:
+      logging.info('Step %d already has a %s record in metrics.jsonl; not writing it again.',
+                   step, '/'.join(sorted(key[1])))
+      return
+    self._written.add(key)
     self._jsonl.write(json.dumps({'step': int(step), **values}) + '\n')
     self._jsonl.flush()
     if self._tb:

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
+from clu import parameter_overview
 
 from coatnet_jax import checkpointing
 from coatnet_jax import cost
@@ -184,8 +186,16 @@ def jit_train_step(config, model, tx, schedule, num_classes: int, mesh, state_sh
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
+@flax.struct.dataclass
+class EvalMetrics(clu_metrics.Collection):
+  """What evaluation accumulates: masked averages over the real (mask 1) examples."""
+  loss: clu_metrics.Average.from_output('loss')
+  correct1: clu_metrics.Average.from_output('correct1')
+  correct5: clu_metrics.Average.from_output('correct5')
+
+
 def make_eval_step(config, model, num_classes: int):
-  """(params, batch_stats, batch) -> sums over the real (mask=1) examples of the batch.
+  """(params, batch_stats, batch) -> EvalMetrics (and sums) over the real (mask=1) examples.
 
   With ``config.classification_metrics`` (single-label data) also the (C, C) confusion counts and,
   for two classes, every example's positive-class probability under 'examples' (for ROC AUC).
@@ -207,8 +217,9 @@ def make_eval_step(config, model, num_classes: int):
       correct1 = jnp.take_along_axis(labels, top1[:, None], axis=-1)[:, 0] > 0
       correct5 = correct1
     loss = losses.per_example_loss(logits, losses.smooth_targets(labels, num_classes, 0.0), kind)
-    out = {'correct1': jnp.sum(correct1 * mask), 'correct5': jnp.sum(correct5 * mask),
-           'loss': jnp.sum(jnp.where(mask > 0, loss, 0.0)), 'count': jnp.sum(mask)}
+    out = {'metrics': EvalMetrics.single_from_model_output(
+        loss=loss, correct1=correct1.astype(jnp.float32), correct5=correct5.astype(jnp.float32),
+        mask=mask > 0)}
     if per_class and labels.ndim == 1:
       out['confusion'] = eval_metrics.confusion_counts(labels, top1, mask, num_classes)
       if num_classes == 2:
@@ -225,20 +236,25 @@ def evaluate(eval_fn, params, batch_stats, batches, mesh, kind: str, class_names
   Scalars only: with classification metrics on, the confusion matrix comes back as
   'confusion/<true>/<predicted>' counts (``eval_metrics.flatten_for_logging``).
   """
-  totals, examples = None, []
+  accumulated, totals, examples = None, None, []
   for local in batches:
     out = eval_fn(params, batch_stats, sharding.global_batch(local, mesh))
     if 'examples' in out:  # Two-class tasks: small splits, so one transfer per batch is cheap.
       examples.append(jax.device_get(out.pop('examples')))
+    metrics = out.pop('metrics')
+    accumulated = metrics if accumulated is None else accumulated.merge(metrics)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
-  count = int(totals['count'])
-  result = {'count': count, 'loss': float(totals['loss']) / max(count, 1)}
+  totals = jax.device_get(totals or {})
+  count = int(accumulated.loss.count)
+  # Divided on the host in float64: top-1 is exactly correct / count.
+  host = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(accumulated))
+  means = {k: float(v) if count else 0.0 for k, v in host.compute().items()}
+  result = {'count': count, 'loss': means['loss']}
   if kind == 'softmax':
-    result['top1'] = int(totals['correct1']) / max(count, 1)
-    result['top5'] = int(totals['correct5']) / max(count, 1)
+    result['top1'] = means['correct1']
+    result['top5'] = means['correct5']
   else:
-    result['prec@1'] = int(totals['correct1']) / max(count, 1)
+    result['prec@1'] = means['correct1']
   if 'confusion' in totals:
     per_class = eval_metrics.from_confusion(totals['confusion'])
     if examples:
@@ -430,7 +446,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state_shardings = sharding.tree_shardings(abstract_state, mesh, config.sharding)
   sharding.log_shardings(abstract_state.params, state_shardings.params)
   num_params = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-  logging.info('Model %s: %.2fM parameters.', config.model.name, num_params / 1e6)
+  logging.info('Model %s: %.2fM parameters.\n%s', config.model.name, num_params / 1e6,
+               parameter_overview.get_parameter_overview(abstract_state.params,
+                                                         include_stats=False))
 
   t0 = time.perf_counter()
   expected = checkpointing.make_metadata(config, num_classes, 0)
