@@ -17,7 +17,8 @@ setuptools.setup(
     description='CoAtNet (Dai et al., 2021) in JAX/Flax: faithful models, sharded training, recipes.',
     long_description=(_HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
-    packages=setuptools.find_packages(include=['coatnet_jax', 'coatnet_jax.*']),
+    # configs/ too: recipes import configs.common, so --config works from any directory.
+    packages=setuptools.find_packages(include=['coatnet_jax', 'coatnet_jax.*', 'configs']),
     python_requires='>=3.11',
     install_requires=_REQUIREMENTS,
 )
