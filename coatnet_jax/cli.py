@@ -193,7 +193,7 @@ def _config_file_error(text: str) -> str:
 
 def parse_config_flags(argv, name='config'):
   """absl's parser for a command with ``--config``: every mistake is one ``error:`` line."""
-  found = _config_arg(argv, name)
+  found = found_given = _config_arg(argv, name)
   if found and not _help_requested(argv):
     i, value, inline = found
     value = config_path(value)
@@ -210,7 +210,8 @@ def parse_config_flags(argv, name='config'):
     text = str(e)
     m = re.match(r'flag --(\S+?)=(.*?): Error whilst parsing config file:(.*)', text, re.S)
     if m:
-      fail(f'--{m.group(1)} {m.group(2)}: {_config_file_error(m.group(3))}')
+      given = found_given[1].partition(':')[0] if found_given else m.group(2)
+      fail(f'{given}: {_config_file_error(m.group(3))}')
     fail(re.sub(r'^flag ', '', one_line(text)))
   except flags.Error as e:
     fail(re.sub(r'^flag ', '', one_line(e)))

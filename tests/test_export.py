@@ -66,6 +66,9 @@ def exported(tmp_path_factory):
   r = _run('coatnet_jax.tools.export', '--workdir', workdir, '--res', str(RES), '--out', out)
   assert r.returncode == 0, r.stderr[-3000:]
   assert sorted(os.listdir(root)) == ['pico.zip', 'run']  # No temporary file left.
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~umask  # As any file the user writes.
   return workdir, out
 
 

@@ -61,6 +61,10 @@ def test_evaluate_matches_the_runs_own_eval(pretrain):
   got = _evaluate(workdir)
   assert got['step'] == 80 and got['res'] == 32 and got['count'] == 359
   assert got['top1'] == own['eval/top1'] and abs(got['loss'] - own['eval/loss']) < 1e-5
+  # --dtype computes in another dtype than the run's float32: close, not equal.
+  bf16 = _evaluate(workdir, '--dtype', 'bfloat16')
+  assert bf16['count'] == 359 and abs(bf16['top1'] - got['top1']) < 0.02
+  assert bf16['loss'] != got['loss']
 
 
 def test_finetune_at_64_beats_the_pretrained_model_at_64_and_resumes_from_itself(
@@ -183,6 +187,7 @@ def test_import_timm_writes_a_checkpoint_that_init_accepts(tmp_path):
   assert 'timm' in proc.stdout
   pre = pretrained.read(out)
   assert pre.metadata['model'] == 'coatnet_0' and pre.num_classes == 7
+  assert pre.config.model.dtype == 'float32'  # Evaluated as timm computes, unless --dtype says.
   _, want = convert.from_timm({k: v.numpy() for k, v in model.state_dict().items()},
                               'coatnet_0_224')
   got, want = _flat(pre.variables), _flat(want)
