@@ -99,11 +99,20 @@ def run(main, flags_parser=None):
   app.run(wrapped, flags_parser=parse)
 
 
+def flag_error(e: Exception) -> str:
+  """absl's flag error as a short reason ('--workdir is required', '--top=x: ...')."""
+  text = one_line(e)
+  m = re.search(r'Flag (--\S+) must have a value other than None', text)
+  if m:
+    return f'{m.group(1)} is required; see --help.'
+  return re.sub(r'^flag ', '', text)
+
+
 def _parse_plain(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e))
+    fail(flag_error(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,9 +221,9 @@ def parse_config_flags(argv, name='config'):
     if m:
       given = found_given[1].partition(':')[0] if found_given else m.group(2)
       fail(f'{given}: {_config_file_error(m.group(3))}')
-    fail(re.sub(r'^flag ', '', one_line(text)))
+    fail(flag_error(e))
   except flags.Error as e:
-    fail(re.sub(r'^flag ', '', one_line(e)))
+    fail(flag_error(e))
   except (AttributeError, KeyError) as e:  # An override of a field that is absent.
     detail = e.args[0] if e.args else ''
     detail = detail.args[0] if isinstance(detail, BaseException) and detail.args else detail

@@ -57,6 +57,8 @@ def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {" ".join(argv[1:])}; flags are --config, --workdir, '
              f'--config.a.b=VALUE.')
+  if not _WORKDIR.value:
+    cli.fail('--workdir is required; see --help.')
   config = _CONFIG.value
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)

@@ -29,7 +29,7 @@ def _python(args, cwd, code=None):
 
 
 def _dump(tmp_path, *args):
-  proc = _python(['x', *args], str(tmp_path), code=DUMP)
+  proc = _python(['x', *args, '--workdir', str(tmp_path / 'unused')], str(tmp_path), code=DUMP)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -97,10 +97,13 @@ def test_switches_follow_the_options_dataclass(monkeypatch):
     (['--config', 'configs/quickstart.py', '--config.batch_size=big'],
      'error: --config.batch_size=big: '),
     (['--config', 'configs/nope.py'], 'error: no config file configs/nope.py'),
+    (['--config', 'configs/quickstart.py', '--workdir='], 'error: --workdir is required'),
 ])
 def test_user_errors_are_one_clean_line_and_touch_nothing(tmp_path, args, message):
   workdir = tmp_path / 'run'
-  proc = _python(['coatnet_jax.main', *args, '--workdir', str(workdir)], str(tmp_path))
+  if not any(a.startswith('--workdir') for a in args):
+    args = [*args, '--workdir', str(workdir)]
+  proc = _python(['coatnet_jax.main', *args], str(tmp_path))
   assert proc.returncode == 1, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith('error: ') and message in lines[0], lines

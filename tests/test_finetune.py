@@ -239,3 +239,41 @@ def test_predict_on_digit_files_agrees_with_the_runs_eval_on_every_example(pretr
   np.testing.assert_array_equal(predicted, np.argmax(np.asarray(logits), -1))
   logged = [r for r in _metrics(workdir) if 'eval/top1' in r][-1]
   assert np.sum(np.asarray(predicted) == labels) == round(logged['eval/top1'] * len(labels))
+
+
+def test_a_finished_run_started_again_logs_no_step_twice(pretrain, tmp_path):
+  """The same command on a finished workdir: it restores the last step, evaluates it again, and
+  metrics.jsonl still holds one record of each kind per step."""
+  from coatnet_jax import metrics  # pylint: disable=g-import-not-at-top
+  workdir, cache = pretrain
+  copy = str(tmp_path / 'again')
+  shutil.copytree(workdir, copy)
+  before = _metrics(copy)
+  _run(['coatnet_jax.main', '--config', 'configs/quickstart.py:smoke', '--workdir', copy,
+        f'--config.compilation_cache_dir={cache}'])
+  after = _metrics(copy)
+  kinds = [(r['step'], metrics.record_kind(r)) for r in after]
+  assert len(kinds) == len(set(kinds))
+  assert [r for r in after if 'eval/top1' in r] == [r for r in before if 'eval/top1' in r]
+
+
+def test_readme_restores_a_checkpoint_with_plain_orbax(pretrain, tmp_path):
+  """The README's snippet, run where this package cannot be imported, on the run's last step."""
+  import re  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir, _ = pretrain
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')) as f:
+    readme = f.read()
+  section = readme[readme.index('### Restore a checkpoint with plain Orbax'):]
+  code = re.search(r'```python\n(.*?)```', section, re.S).group(1)
+  code = code.replace('WORKDIR/checkpoints/STEP', os.path.join(workdir, 'checkpoints', '80'))
+  code = "import sys; sys.modules['coatnet_jax'] = None\n" + code
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  proc = subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path), capture_output=True,
+                        text=True, timeout=300, env=dict(env, JAX_PLATFORMS='cpu'), check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  model, step, size = proc.stdout.split()
+  pre = pretrained.read(workdir)
+  want = sum(np.size(x) for x in jax.tree.leaves(pre.variables['params']))
+  assert (model, int(step), int(size)) == ('coatnet_pico', 80, want)
