@@ -23,7 +23,8 @@ HELP = ('--help', '-h', '-?', '--helpshort', '--helpfull')
 
 class _QuietLibraries(std_logging.Filter):
   """Drops library noise: Orbax's INFO lines (every save and restore in detail, and its missing-
-  metadata warning for checkpoints written without it), JAX's backend probing."""
+  metadata warning for checkpoints written without it), JAX's backend probing, TFDS's INFO lines
+  (the files behind every tf.data pipeline)."""
 
   def filter(self, record):
     msg = str(record.msg)
@@ -31,6 +32,8 @@ class _QuietLibraries(std_logging.Filter):
       return False  # Orbax's internal futures of a failed save; the error itself is raised once.
     if 'Unable to initialize backend' in msg or 'xla_bridge' in record.pathname:
       return record.levelno >= std_logging.ERROR
+    if '/tensorflow_datasets/' in record.pathname:  # Which files each tf.data pipeline reads.
+      return record.levelno >= std_logging.WARNING
     if '/orbax/' in record.pathname:
       return record.levelno >= std_logging.ERROR or (
           record.levelno >= std_logging.WARNING and 'metadata' not in msg.lower())
