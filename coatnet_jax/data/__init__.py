@@ -11,6 +11,7 @@ model and the step never load TensorFlow.
   tfrecords.py    JFT-style multi-label TFRecords read by glob (schema in its docstring)
   folders.py      a directory of class sub-folders
   imagenet21k.py  the TFDS builder for the ImageNet-21K release (fall11 / winter21)
+  prepare.py      ``python -m coatnet_jax.data.prepare NAME``: a TFDS builder from its manual files
 """
 
 
