@@ -4,8 +4,8 @@ r"""ImageNet-1K from scratch at 224: the paper's Table 10 recipe for CoAtNet-0..
 label smoothing 0.1, RandAugment (2, 15), Mixup 0.8, stochastic depth 0.2 / 0.3 / 0.5 / 0.7,
 gradient clipping 1.0, bf16 compute, TFDS ``imagenet2012`` (prepared under
 ``--config.data.data_dir``: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in
-DATA_DIR/downloads/manual, then ``tfds build imagenet2012 --data_dir DATA_DIR``). Eval: resize and
-centre crop 0.875.
+DATA_DIR/downloads/manual, then ``python -m coatnet_jax.data.prepare imagenet2012 --data_dir
+DATA_DIR``). Eval: resize and centre crop 0.875.
 
   python -m coatnet_jax.main --config configs/in1k.py:variant=coatnet_0 --workdir gs://BUCKET/c0
 
