@@ -35,8 +35,8 @@ def builder(config):
     raise DataNotFoundError(f'No TFDS dataset named {name!r} ({e.__class__.__name__}).') from e
   if _is_mocked():
     return b
-  how = PREPARE.get(name, f'python -m coatnet_jax.data.prepare {name} --data_dir DATA_DIR').replace(
-      'DATA_DIR', data_dir or tfds.core.constants.DATA_DIR)
+  how = PREPARE.get(name, f'python -m coatnet_jax.data.prepare {name} --data_dir DATA_DIR')
+  how = how.replace('DATA_DIR', data_dir or tfds.core.constants.DATA_DIR)
   if not tf.io.gfile.exists(os.path.join(b.data_dir, 'dataset_info.json')):
     raise DataNotFoundError(f'Dataset {name!r} is not prepared in {b.data_dir}; prepare it '
                             f'with: {how}')
