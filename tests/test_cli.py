@@ -17,8 +17,8 @@ from coatnet_jax import models
 from run_module import ROOT
 
 # The trainer's flags and config parsing, with a main that prints the config instead of training.
-DUMP = ('import sys; from coatnet_jax import cli, main; '
-        'cli.run(lambda argv: print(main._CONFIG.value.to_json()), '  # pylint: disable=protected-access
+DUMP = ('from coatnet_jax import cli, main; '
+        'cli.run(lambda argv: print(main._CONFIG.value.to_json()), '
         'flags_parser=cli.parse_config_flags)')
 
 
