@@ -191,4 +191,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('config')
-  cli.run(main)
+  cli.run(main, flags_parser=cli.parse_config_flags)
