@@ -111,10 +111,12 @@ def test_user_errors_are_one_clean_line_and_touch_nothing(tmp_path, args, messag
   assert not workdir.exists()
 
 
+# One command per way of parsing flags: cli.parse_config_flags, cli.run with a required flag
+# (evaluate, export, import_timm and fit share it), argparse (with TensorFlow imported, without
+# timm).
 @pytest.mark.parametrize('module', [
-    'coatnet_jax.main', 'coatnet_jax.evaluate', 'coatnet_jax.predict', 'coatnet_jax.tools.export',
-    'coatnet_jax.tools.import_timm', 'coatnet_jax.data.tfrecords', 'coatnet_jax.data.prepare',
-    'benchmarks.timm_peer'])
+    'coatnet_jax.main', 'coatnet_jax.predict', 'coatnet_jax.data.tfrecords',
+    'coatnet_jax.data.prepare', 'benchmarks.timm_peer'])
 def test_help_lists_the_flags_and_exits_0(tmp_path, module):
   # timm_peer without timm and torch installed: they are hidden from the interpreter.
   code = ("import runpy, sys; sys.modules['timm'] = sys.modules['torch'] = None; "
