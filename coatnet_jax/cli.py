@@ -30,8 +30,8 @@ class _QuietLibraries(std_logging.Filter):
     msg = str(record.msg)
     if record.name == 'asyncio' and 'never retrieved' in msg:
       return False  # Orbax's internal futures of a failed save; the error itself is raised once.
-    if 'Unable to initialize backend' in msg or 'xla_bridge' in record.pathname:
-      return record.levelno >= std_logging.ERROR
+    if 'Unable to initialize backend' in msg:  # JAX probing for TPUs and GPUs that are absent.
+      return False
     if '/tensorflow_datasets/' in record.pathname:  # Which files each tf.data pipeline reads.
       return record.levelno >= std_logging.WARNING
     if '/orbax/' in record.pathname:

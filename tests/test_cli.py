@@ -144,3 +144,20 @@ def test_metrics_jsonl_holds_one_record_per_kind_and_step(tmp_path):
     records = [json.loads(line) for line in f]
   kinds = [(r['step'], metrics.record_kind(r)) for r in records]
   assert len(kinds) == len(set(kinds)) == 4
+
+
+def test_library_noise_is_left_out_of_the_log():
+  import logging  # pylint: disable=g-import-not-at-top
+  from coatnet_jax import cli  # pylint: disable=g-import-not-at-top
+  quiet = cli._QuietLibraries()  # pylint: disable=protected-access
+
+  def shown(msg, path, level=logging.INFO):
+    return quiet.filter(logging.LogRecord('x', level, path, 1, msg, (), None))
+
+  assert not shown("Unable to initialize backend 'tpu': INTERNAL", '/jax/_src/xla_bridge.py')
+  assert shown('An NVIDIA GPU may be present on this machine', '/jax/_src/xla_bridge.py',
+               logging.WARNING)
+  assert not shown('Saving checkpoint', '/site-packages/orbax/checkpoint/manager.py')
+  assert not shown('Metadata file does not exist', '/site-packages/orbax/checkpoint/x.py',
+                   logging.WARNING)
+  assert shown('step 10/20 | loss 1.0', '/coatnet_jax/train.py')

@@ -207,3 +207,15 @@ def test_failed_write_keeps_the_old_archive(tmp_path):
   with pytest.raises(Exception):
     export.write_archive(str(out), b'x', {'a': object()}, {'res': 1})
   assert out.read_bytes() == b'old' and os.listdir(tmp_path) == ['m.zip']
+
+
+def test_export_computes_in_the_dtype_asked_for(exported, reference):
+  """--dtype bfloat16 on a float32 run: the same probabilities to bfloat16 precision, not bitwise."""
+  pre, variables, fn = reference
+  serialized, stored, meta = export.export(pretrained.read(exported[0]), RES, ['cpu'], 'bfloat16')
+  assert meta['dtype'] == 'bfloat16'
+  images = np.random.default_rng(3).integers(0, 256, (2, RES, RES, 3), dtype=np.uint8)
+  got = np.asarray(jax.export.deserialize(bytearray(serialized)).call(stored, images))
+  want = np.asarray(fn(variables, images))
+  np.testing.assert_allclose(got, want, atol=0.05)
+  assert not np.array_equal(got, want)

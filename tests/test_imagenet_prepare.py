@@ -118,7 +118,7 @@ def test_imagenet2012_through_tfds_builder(imagenet2012):
 
 def test_in1k_recipe_data_path_trains_and_evaluates(imagenet2012, tmp_path):
   """configs/in1k.py (Inception crop, RandAugment 2/15, Mixup, 0.875 crop) on the prepared data,
-  with coatnet_pico at 64 px, started outside the repository root with a switch overridden."""
+  with coatnet_pico at 32 px, started outside the repository root with a switch overridden."""
   data_dir, _ = imagenet2012
   workdir = str(tmp_path / 'run')
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
@@ -127,6 +127,7 @@ def test_in1k_recipe_data_path_trains_and_evaluates(imagenet2012, tmp_path):
        '--workdir', workdir, '--config.model.switches.pool=avg',
        f'--config.data.data_dir={data_dir}', '--config.total_steps=2', '--config.batch_size=4',
        '--config.data.eval_split=validation', '--config.eval_batch_size=8',
+       '--config.data.image_size=32',
        '--config.log_every_steps=1',
        f'--config.compilation_cache_dir={tmp_path / "xla"}'],
       cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
