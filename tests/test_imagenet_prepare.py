@@ -175,3 +175,16 @@ def test_imagenet21k_as_a_library_and_from_the_command_line(tmp_path):
   """, cwd=str(tmp_path))
   for line in out.strip().splitlines()[-2:]:
     assert [tuple(r) for r in json.loads(line)] == want
+
+
+def test_missing_manual_files_are_one_line(tmp_path):
+  from coatnet_jax.data import DataNotFoundError  # pylint: disable=g-import-not-at-top
+  from coatnet_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DataNotFoundError, match='No manual directory .*downloads/manual'):
+    prepare.prepare('imagenet2012', str(tmp_path))
+  manual = tmp_path / 'downloads' / 'manual'
+  manual.mkdir(parents=True)
+  (manual / 'ILSVRC2012_img_train.tar').write_bytes(b'')
+  with pytest.raises(DataNotFoundError, match='lacks ILSVRC2012_img_val.tar'):
+    prepare.prepare('imagenet2012', str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ['downloads']  # Nothing written.

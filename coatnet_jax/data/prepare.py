@@ -15,15 +15,14 @@ import argparse
 import os
 import sys
 
-# Before TensorFlow loads: its C++ start-up banners say nothing a user can act on.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
 MANUAL_FILES = {'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')}
 
 
 def prepare(name: str, data_dir: str, manual_dir: str = None):
   """Builds ``name`` into ``data_dir`` from ``manual_dir``; returns the builder."""
   # pylint: disable=g-import-not-at-top
+  from coatnet_jax import cli
+  cli.import_tensorflow()  # Without its C++ start-up banners.
   import tensorflow_datasets as tfds
   from coatnet_jax.data import DataNotFoundError
   if name == 'imagenet21k':
