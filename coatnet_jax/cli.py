@@ -50,8 +50,8 @@ def quiet_logs():
 
 @contextlib.contextmanager
 def silent_stderr():
-  """Closes file descriptor 2 for the duration (TensorFlow's C++ start-up lines come before any
-  setting of its logger can act); Python exceptions still propagate and print afterwards."""
+  """Points file descriptor 2 at /dev/null for the duration (TensorFlow's C++ start-up lines come
+  before any setting of its logger can act); Python exceptions still propagate and print after."""
   sys.stderr.flush()
   saved = os.dup(2)
   try:
@@ -64,7 +64,7 @@ def silent_stderr():
 
 
 def import_tensorflow():
-  """``import tensorflow`` without its C++ start-up banners; kept off the accelerators."""
+  """``import tensorflow`` without its C++ start-up banners (oneDNN, CPU features)."""
   if 'tensorflow' not in sys.modules:
     with silent_stderr():
       import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
