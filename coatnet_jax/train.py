@@ -303,7 +303,8 @@ def check_inputs(config, workdir: str):
   raised at once as an ``InputError`` whose ``problems`` are one line each.
   """
   try:
-    workdir_lock.check_free(workdir)
+    if jax.process_index() == 0:  # The lock is process 0's (the others of its run see it held).
+      workdir_lock.check_free(workdir)
   except workdir_lock.WorkdirBusyError as e:
     raise InputError(str(e)) from e
   problems = config_checks.static_problems(config)
