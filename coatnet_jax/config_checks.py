@@ -1,7 +1,8 @@
 """Every check of a config that can be made before the workdir is touched, in one place.
 
-``train.check_inputs`` calls ``problems`` with the dataset's info and the device count, and
-``resume_changes`` with the config saved in the newest checkpoint; ``main`` prints each problem as
+``train.check_inputs`` calls ``static_problems`` (the config alone), ``data_problems`` (with the
+dataset's info), ``device_problems`` (with the device count) and ``resume_changes`` (with the
+config saved in the newest checkpoint), and raises every problem at once; ``main`` prints each as
 its own ``error:`` line and exits 1 with nothing written. A check here must be cheap (no model
 init, no compile) and must name the field, the value and what to do.
 """
@@ -90,14 +91,22 @@ def static_problems(config) -> list:
       out.append(f'mesh.{axis}={size!r} must be a positive integer or -1 (all remaining '
                  f'devices).')
   if sizes.count(-1) > 1:
-    out.append(f'mesh.data and mesh.fsdp are both -1; at most one axis may be -1.')
+    out.append('mesh.data and mesh.fsdp are both -1; at most one axis may be -1.')
   return out
+
+
+def _mesh_sizes(config) -> Optional[list]:
+  """The configured axis sizes when each is valid (static_problems reports the others)."""
+  sizes = [config.get('mesh', {}).get(a, -1) for a in MESH_AXES]
+  if not all(_int(s) and (s == -1 or s >= 1) for s in sizes) or sizes.count(-1) > 1:
+    return None
+  return sizes
 
 
 def mesh_shape(config, num_devices: int) -> Optional[dict]:
   """{'data': n, 'fsdp': m} for ``num_devices``, or None when the config's mesh cannot fit."""
-  sizes = [config.get('mesh', {}).get(a, -1) for a in MESH_AXES]
-  if not all(_int(s) and (s == -1 or s >= 1) for s in sizes) or sizes.count(-1) > 1:
+  sizes = _mesh_sizes(config)
+  if sizes is None:
     return None
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
@@ -111,8 +120,7 @@ def device_problems(config, num_devices: int) -> list:
   """The mesh fits the devices, and every batch splits evenly over them."""
   out = []
   mesh = config.get('mesh', {})
-  if mesh_shape(config, num_devices) is None and not any(
-      'mesh.' in p for p in static_problems(config)):
+  if _mesh_sizes(config) is not None and mesh_shape(config, num_devices) is None:
     out.append(f'mesh data={mesh.get("data")}, fsdp={mesh.get("fsdp")} does not fit the '
                f'{num_devices} devices present; set --config.mesh.data and --config.mesh.fsdp '
                f'so that their product is {num_devices} (one of them may be -1).')
