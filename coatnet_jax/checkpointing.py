@@ -9,7 +9,9 @@ TensorStore, metadata through JSON.
   metric is named, the best one by that metric as well.
 * Resume walks the steps from the newest down and takes the first intact one: a step directory
   without its commit marker or with missing or truncated files is moved to
-  ``workdir/damaged_checkpoints/`` (never deleted) and the fallback is logged.
+  ``workdir/damaged_checkpoints/`` (never deleted) and the fallback is logged. A step whose
+  metadata is unreadable is restored from its arrays when they fit the config's model. When no
+  step restores, nothing is moved and the run stops in one line: it never restarts from scratch.
 * A checkpoint of another architecture is refused with one line unless the config allows a
   partial load, which takes the leaves whose paths and shapes match and reports the rest.
 
@@ -241,10 +243,12 @@ def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[d
     try:
       saved = read_metadata(workdir, step)
     except (OSError, ValueError) as e:
-      damaged.append((step, f'unreadable metadata: {one_line(e)}'))
-      continue
+      # The arrays may still be whole: they are tried below against this config's shapes.
+      logging.warning('Checkpoint step %d in %s has unreadable metadata (%s); trying its arrays '
+                      'against this config\'s model.', step, workdir, one_line(e))
+      saved = None
     partial = False
-    if expected is not None:
+    if expected is not None and saved is not None:
       check_compatible(saved, expected, allow_partial, workdir)
       partial = saved.get('architecture') != expected['architecture']
     # A read-only manager: nothing on disk changes while we probe.
@@ -266,14 +270,15 @@ def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[d
     for s, why in damaged:
       _set_aside(workdir, s, why)
     _sync('coatnet_checkpoint_fallback')
-    logging.info('Restored step %d from %s%s.', step, checkpoint_dir(workdir),
-                 f' after skipping damaged step(s) {[s for s, _ in damaged]}' if damaged else '')
+    logging.info('Restored step %d from %s%s%s.', step, checkpoint_dir(workdir),
+                 f' after skipping damaged step(s) {[s for s, _ in damaged]}' if damaged else '',
+                 '' if saved is not None else ' (its arrays; its metadata is unreadable)')
     return state, saved
-  for s, why in damaged:
-    _set_aside(workdir, s, why)
-  _sync('coatnet_checkpoint_fallback')
-  if damaged:
-    logging.warning('No intact checkpoint in %s; starting from scratch.', workdir)
+  if damaged:  # A run that had checkpoints never starts again from scratch on its own.
+    raise CheckpointError(
+        f'No checkpoint in {checkpoint_dir(workdir)} can be restored ('
+        f'{"; ".join(f"step {s}: {why}" for s, why in damaged)[:600]}); nothing was moved or '
+        f'deleted. Repair them, or move {checkpoint_dir(workdir)} away to start from scratch.')
   return None, None
 
 

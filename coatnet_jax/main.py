@@ -79,7 +79,15 @@ def main(argv):
       sys.stderr.write(f'error: {message}\n')
       sys.stderr.flush()
       os._exit(1)  # pylint: disable=protected-access
+    problems = getattr(e, 'problems', None)  # config_checks: every problem, one line each.
+    if problems:
+      sys.stderr.write(''.join(f'error: {" ".join(p.split())}\n' for p in problems[:-1]))
+      message = ' '.join(problems[-1].split())
     sys.exit(f'error: {message}')
+  except KeyboardInterrupt:  # A second Ctrl-C (the first saves and exits), or one before the loop.
+    sys.exit(f'error: interrupted by Ctrl-C; the newest complete checkpoint is step '
+             f'{checkpointing.latest_complete_step(_WORKDIR.value)}. Rerun the same command to '
+             f'resume from it.')
 
 
 def run():

@@ -25,6 +25,8 @@ import flax
 import jax
 import numpy as np
 
+from coatnet_jax import archive_checks
+
 # The export's archive members (kept equal to coatnet_jax.tools.export's; not imported from there
 # so that this module needs no model code).
 EXPORTED = 'exported.bin'
@@ -49,13 +51,18 @@ def _one_line(e: BaseException) -> str:
 
 
 def load(path: str):
-  """(meta, exported, variables) of an archive written by ``tools.export``."""
+  """(meta, exported, variables) of an archive written by ``tools.export``, checked first
+  (``archive_checks``: sizes, meta.json fields, digests, the function's shapes)."""
   try:
     with zipfile.ZipFile(path) as z:
+      archive_checks.check_members(z, META)
       meta = json.loads(z.read(META))
+      archive_checks.check_meta(meta)
       exported = z.read(meta.get('files', {}).get('exported', EXPORTED))
       variables = z.read(meta.get('files', {}).get('variables', VARIABLES))
-  except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
+    archive_checks.check_digest(meta, 'exported', exported)
+    archive_checks.check_digest(meta, 'variables', variables)
+  except (OSError, zipfile.BadZipFile, KeyError, ValueError, RuntimeError) as e:
     why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
     raise PredictError(f'{path} is not a readable coatnet_jax.tools.export archive: {why}') from e
   try:
@@ -65,6 +72,10 @@ def load(path: str):
     raise PredictError(f'{path}: cannot deserialize the exported model (made with jax '
                        f'{meta.get("jax_version")}; this is jax {jax.__version__}): '
                        f'{_one_line(e)}') from e
+  try:
+    archive_checks.check_signature(meta, exported.in_avals, exported.out_avals)
+  except archive_checks.ArchiveError as e:
+    raise PredictError(f'{path}: {e}') from e
   return meta, exported, variables
 
 
@@ -77,6 +88,7 @@ def _tf():
 def make_transform(meta: dict):
   """path -> uint8 (res, res, 3): the file through the run's eval transform (TF, eager)."""
   tf = _tf()
+  from coatnet_jax.data import image_limits  # pylint: disable=g-import-not-at-top
   from coatnet_jax.data import transforms  # pylint: disable=g-import-not-at-top
   res, crop = int(meta['res']), meta.get('crop_fraction')
   method = meta.get('eval_resize_method', 'bicubic')
@@ -84,9 +96,15 @@ def make_transform(meta: dict):
   def run(path: str) -> np.ndarray:
     try:
       with open(path, 'rb') as f:
-        data = f.read()
+        # The training rule (data.image_limits), from the declared size and the header.
+        too_large = (image_limits.too_many_bytes(os.fstat(f.fileno()).st_size)
+                     or image_limits.too_large(f))
+        f.seek(0)
+        data = None if too_large else f.read()
     except OSError as e:
       raise PredictError(f'Cannot read {path}: {e.strerror or e}') from e
+    if too_large:
+      raise PredictError(f'{path} is too large an image: {too_large}.')
     try:
       return transforms.eval_image(tf.constant(data), res, crop, method).numpy()
     except (tf.errors.OpError, ValueError) as e:
@@ -151,9 +169,9 @@ def main(argv):
     if _JSON.value:
       print(json.dumps({'path': path, 'top': top}))
     else:
-      print(path)
+      print(archive_checks.printable(path))
       for t in top:
-        print(f'  {t["rank"]}. {t["class"]}  {t["probability"]:.4f}')
+        print(f'  {t["rank"]}. {archive_checks.printable(t["class"])}  {t["probability"]:.4f}')
 
 
 if __name__ == '__main__':

@@ -33,6 +33,7 @@ from clu import metrics as clu_metrics
 from clu import parameter_overview
 
 from coatnet_jax import checkpointing
+from coatnet_jax import config_checks
 from coatnet_jax import cost
 from coatnet_jax import eval_metrics
 from coatnet_jax import input_pipeline
@@ -42,6 +43,7 @@ from coatnet_jax import models
 from coatnet_jax import optim
 from coatnet_jax import pretrained
 from coatnet_jax import sharding
+from coatnet_jax import workdir_lock
 
 
 @flax.struct.dataclass
@@ -311,17 +313,35 @@ class InputError(ValueError):
 
 
 def check_inputs(config, workdir: str):
-  """Everything that can be checked before the workdir is touched; returns (info, num_classes)."""
+  """Everything that can be checked before the workdir is touched; returns (info, num_classes).
+
+  Every problem of the config (``config_checks``: values, data, devices, resume) is collected and
+  raised at once as an ``InputError`` whose ``problems`` are one line each.
+  """
+  try:
+    if jax.process_index() == 0:  # The lock is process 0's (the others of its run see it held).
+      workdir_lock.check_free(workdir)
+  except workdir_lock.WorkdirBusyError as e:
+    raise InputError(str(e)) from e
+  problems = config_checks.static_problems(config)
   if config.model.name not in models.VARIANTS:
-    raise InputError(f'Unknown model {config.model.name!r}; valid: {", ".join(models.VARIANTS)}.')
+    problems.append(f'Unknown model {config.model.name!r}; valid: {", ".join(models.VARIANTS)}.')
+  if config.loss.get('class_weights') not in ('', None, 'balanced'):
+    problems.append(f'loss.class_weights={config.loss.class_weights!r}; valid: "balanced" or "".')
   try:
     info = input_pipeline.get_info(config.data)
   except Exception as e:  # pylint: disable=broad-except
-    raise InputError(f'Dataset {config.data.name!r} (data_dir={config.data.get("data_dir")}): '
-                     f'{_clip(" ".join(str(e).split()) or type(e).__name__)}') from e
+    problems.insert(0, f'Dataset {config.data.name!r} (data_dir={config.data.get("data_dir")}): '
+                    f'{_clip(" ".join(str(e).split()) or type(e).__name__)}')
+    raise _input_error(problems) from e
   num_classes = config.get('num_classes') or info.num_classes
-  if config.loss.get('class_weights') not in ('', None, 'balanced'):
-    raise InputError(f'loss.class_weights={config.loss.class_weights!r}; valid: "balanced" or "".')
+  steps = None
+  if not problems:
+    steps = total_steps(config, info.train_size)
+  problems += config_checks.data_problems(config, info, num_classes, steps)
+  problems += config_checks.device_problems(config, jax.device_count())
+  if problems:
+    raise _input_error(problems)
   try:
     build_model(config, num_classes)
   except (ValueError, TypeError) as e:
@@ -331,6 +351,9 @@ def check_inputs(config, workdir: str):
     checkpointing.check_workdir(workdir, expected, config.get('allow_partial_load', False))
   except checkpointing.CheckpointError as e:
     raise InputError(str(e)) from e
+  resume_problems, _ = resume_changes(config, workdir, steps)
+  if resume_problems:
+    raise _input_error(resume_problems)
   init_path = config.get('init', {}).get('path')
   if init_path and checkpointing.latest_metadata(workdir) is None:  # Resuming never reads init.
     try:
@@ -341,33 +364,74 @@ def check_inputs(config, workdir: str):
   return info, num_classes
 
 
-class Preemption:
-  """SIGTERM (and JAX's preemption sync point on multi-process runs) -> save, wait, exit 0.
+def _input_error(problems) -> InputError:
+  e = InputError(' '.join(problems))
+  e.problems = list(problems)
+  return e
 
-  One process: a SIGTERM handler sets a flag the loop reads every step. Several processes: JAX's
-  preemption service owns SIGTERM and ``reached_preemption`` makes every process agree on the
-  step, so they all save the same one.
+
+def resume_changes(config, workdir: str, steps: int):
+  """(problems, accepted changes) of resuming the workdir's newest checkpoint under ``config``."""
+  saved = checkpointing.latest_metadata(workdir)
+  if saved is None or not isinstance(saved.get('config'), dict):
+    return [], {}
+  return config_checks.resume_changes(
+      saved['config'], json.loads(config.to_json_best_effort()), int(saved.get('step', 0)), steps,
+      allow_all=bool(config.get('allow_resume_changes', False)))
+
+
+def record_config_changes(workdir: str, step: int, changes: dict) -> None:
+  """Appends the config fields a resume changed to ``config_history.jsonl`` (process 0)."""
+  if not changes or jax.process_index():
+    return
+  logging.warning('Resuming at step %d with config changes: %s', step,
+                  '; '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
+  with open(os.path.join(workdir, CONFIG_HISTORY), 'a') as f:
+    f.write(json.dumps({'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                        'changes': changes}) + '\n')
+
+
+CONFIG_HISTORY = 'config_history.jsonl'
+
+
+class Preemption:
+  """SIGTERM, Ctrl-C (SIGINT) and JAX's preemption sync point -> save, wait, exit 0.
+
+  One process: a handler sets a flag the loop reads every step; a second Ctrl-C aborts at once
+  (KeyboardInterrupt, the last checkpoint kept). Several processes: JAX's preemption service owns
+  SIGTERM and ``reached_preemption`` makes every process agree on the step, so they all save the
+  same one; Ctrl-C aborts there.
   """
 
   def __init__(self):
-    self.signalled = False
-    self._previous = None
+    self.signalled = None  # The name of the signal received, if any.
+    self._previous = {}
+    # Several processes would each save a different step on their own signal: there, Ctrl-C
+    # keeps its default (abort) and SIGTERM goes to JAX's preemption service.
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handler)
 
   def _handler(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('Received SIGTERM: saving at the end of this step, then exiting.')
-    self.signalled = True
+    if signum == signal.SIGINT:
+      if self.signalled == 'SIGINT':
+        raise KeyboardInterrupt('second Ctrl-C')
+      logging.warning('Received Ctrl-C: saving at the end of this step, then exiting (press '
+                      'Ctrl-C again to abort at once, losing the steps since the last '
+                      'checkpoint).')
+    else:
+      logging.warning('Received SIGTERM: saving at the end of this step, then exiting.')
+    self.signalled = signal.Signals(signum).name
 
   def reached(self, manager, step: int) -> bool:
     if jax.process_count() > 1:
       return bool(manager.reached_preemption(step))
-    return self.signalled
+    return bool(self.signalled)
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def rewind_metrics(workdir: str, step: int) -> None:
@@ -408,10 +472,23 @@ def write_config(config, workdir):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as ``config`` says; returns the final eval metrics.
 
-  Stops early, with a checkpoint, on SIGTERM or a preemption notice; then the result is {}.
+  Stops early, with a checkpoint, on SIGTERM, Ctrl-C or a preemption notice; then the result is
+  {}. The workdir is locked for the run (``workdir_lock``); nothing is written before every check
+  of ``check_inputs`` has passed.
   """
   info, num_classes = check_inputs(config, workdir)  # Before anything is written.
-  write_config(config, workdir)
+  try:
+    lock = workdir_lock.acquire(workdir, jax.process_index())
+  except workdir_lock.WorkdirBusyError as e:
+    raise InputError(str(e)) from e
+  try:
+    return _train_and_evaluate(config, workdir, info, num_classes)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, info, num_classes: int) -> dict:
   pi, pc = jax.process_index(), jax.process_count()
 
   # Mesh: one ('data', 'fsdp') mesh over every device of every process.
@@ -419,10 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_devices = mesh.devices.size
   logging.info('Mesh %s over %d %s devices, %d processes.', dict(mesh.shape), num_devices,
                jax.devices()[0].device_kind, pc)
-  eval_batch = config.get('eval_batch_size') or config.batch_size
-  for name, b in (('batch_size', config.batch_size), ('eval_batch_size', eval_batch)):
-    if b % num_devices:
-      raise ValueError(f'{name}={b} is not divisible by {num_devices} devices.')
+  eval_batch = config.get('eval_batch_size') or config.batch_size  # Divisible: config_checks.
 
   # Data.
   steps = total_steps(config, info.train_size)
@@ -460,12 +534,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.get('init', {}).get('path'):
       state = pretrained.warm_start(state, config, model, num_classes, state_shardings)
   start_step = int(jax.device_get(state.step))
+  if start_step > steps:  # config_checks refuses this from the metadata; the arrays decide here.
+    raise InputError(f'The restored step {start_step} is beyond the run\'s {steps} steps; raise '
+                     f'total_steps (or num_epochs) to at least {start_step}.')
   best_metric = config.get('best_metric') or ('eval/top1' if config.loss.kind == 'softmax'
                                               else 'eval/prec@1')
   manager = checkpointing.make_manager(
       workdir, config.get('keep_checkpoints', 3), best_metric=best_metric,
       best_mode=config.get('best_mode', 'max'),
       async_save=config.get('async_checkpointing', True))
+  # Written only now: a workdir whose checkpoints all fail to restore is left as it was.
+  record_config_changes(workdir, start_step, resume_changes(config, workdir, steps)[1])
+  write_config(config, workdir)
   rewind_metrics(workdir, start_step)
   logging.info('Train state ready at step %d in %.1f s (%s).', start_step,
                time.perf_counter() - t0, 'restored' if start_step else 'initialised')

@@ -128,6 +128,10 @@ def get_base_config():
   c.async_checkpointing = True
   # Load a checkpoint of another architecture: only leaves whose path and shape match.
   c.allow_partial_load = False
+  # Resume although fields that change what the run computes (batch, seed, optimizer, schedule,
+  # loss, data stream) differ from the saved run; every change is appended to
+  # WORKDIR/config_history.jsonl (coatnet_jax/config_checks.py lists what may always change).
+  c.allow_resume_changes = False
   c.profile_steps = 0  # > 0: trace this many steps after warm-up into workdir/profile.
   c.tensorboard = True
   c.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)  # None: ~/.cache.

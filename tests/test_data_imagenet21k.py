@@ -147,3 +147,62 @@ def test_missing_release_is_one_line(tmp_path):
       imagenet21k.Release(d)
     assert '\n' not in str(e.value) and d in str(e.value) and 'coatnet_jax.data.imagenet21k' in str(
         e.value)
+
+
+def _png_header(width, height):
+  """A valid PNG header declaring width x height over a few bytes of data (a 'bomb')."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack(
+        '>I', zlib.crc32(kind + data) & 0xffffffff)
+
+  ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
+          + chunk(b'IEND', b''))
+
+
+def test_hostile_release_is_skipped_counted_and_named(tmp_path, monkeypatch):
+  from coatnet_jax.data import image_limits  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(image_limits, 'MAX_FILE_BYTES', 60_000)  # A 2 GiB member, scaled down.
+  root = tmp_path / 'release'
+  os.makedirs(root)
+  for s in SYNSETS:
+    buf = io.BytesIO(_synset_tar(s, evil=s == SYNSETS[0]))
+    with tarfile.open(fileobj=buf, mode='a') as t:
+      if s == SYNSETS[1]:
+        _add(t, f'{s}_huge.JPEG', b'\0' * 70_000)  # Declared above the limit: never read.
+      if s == SYNSETS[2]:
+        _add(t, f'{s}_bomb.JPEG', _png_header(20000, 20000))  # Above the pixel limit.
+    (root / f'{s}.tar').write_bytes(buf.getvalue())
+  (root / 'n00000001.tar').write_bytes(b'')  # Empty.
+  (root / 'n00000002.tar').write_bytes(b'garbage ' * 200)  # Corrupt.
+  whole = _synset_tar('n00000003')  # Truncated in its third image: the first two are kept.
+  with tarfile.open(fileobj=io.BytesIO(whole)) as t:
+    cut = t.getmembers()[2].offset_data + 10
+  (root / 'n00000003.tar').write_bytes(whole[:cut])
+  os.mkfifo(root / 'n00000004.tar')  # Would block a reader forever.
+  empty = io.BytesIO()
+  with tarfile.open(fileobj=empty, mode='w') as t:
+    d = tarfile.TarInfo('folder')
+    d.type = tarfile.DIRTYPE
+    t.addfile(d)
+  (root / 'n00000005.tar').write_bytes(empty.getvalue())  # No image member: not a class.
+  b = TinyIn21k(data_dir=str(tmp_path / 'data'))
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+  meta = b.info.metadata
+  assert b.info.features['label'].names == sorted(SYNSETS + ('n00000003',))
+  bad = {os.path.basename(k): v for k, v in meta['bad_archives'].items()}
+  assert sorted(bad) == ['n00000001.tar', 'n00000002.tar', 'n00000003.tar', 'n00000004.tar']
+  assert bad['n00000004.tar'] == 'not a regular file' and 'ReadError' in bad['n00000003.tar']
+  assert meta['empty_synsets'] == ['n00000005']
+  assert sorted(meta['too_large']) == [f'{SYNSETS[1]}/{SYNSETS[1]}_huge.JPEG',
+                                       f'{SYNSETS[2]}/{SYNSETS[2]}_bomb.JPEG']
+  assert len(meta['refused_members']) == 3 == len(set(meta['refused_members']))
+  names = [n for _, n in _examples(b, 'train') + _examples(b, 'validation')]
+  assert sorted(n for n in names if n.startswith('n00000003')) == ['n00000003_0.JPEG',
+                                                                  'n00000003_1.JPEG']
+  assert len(names) == 11 + 2
+  with open(os.path.join(b.data_dir, 'metadata.json')) as f:
+    assert json.load(f)['empty_synsets'] == ['n00000005']

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import flax
 import jax
@@ -219,3 +220,73 @@ def test_export_computes_in_the_dtype_asked_for(exported, reference):
   want = np.asarray(fn(variables, images))
   np.testing.assert_allclose(got, want, atol=0.05)
   assert not np.array_equal(got, want)
+
+
+def _rezip(src, dst, meta=None, members=None, compress=zipfile.ZIP_STORED):
+  """A copy of archive ``src`` with ``meta`` (bytes or JSON value) and other members replaced."""
+  with zipfile.ZipFile(src) as z:
+    files = {n: z.read(n) for n in z.namelist()}
+  if meta is not None:
+    files['meta.json'] = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+  files.update(members or {})
+  with zipfile.ZipFile(dst, 'w') as z:
+    for name, data in files.items():
+      z.writestr(name, data, compress if name == 'meta.json' else zipfile.ZIP_STORED)
+  return str(dst)
+
+
+def test_hostile_archives_are_one_line(exported, tmp_path):
+  from coatnet_jax.data import image_limits  # pylint: disable=g-import-not-at-top
+  archive = exported[1]
+  with zipfile.ZipFile(archive) as z:
+    meta = json.loads(z.read('meta.json'))
+    blob = z.read('exported.bin')
+  assert set(meta['sha256']) == {'exported', 'variables'}
+  flipped = bytearray(blob)
+  flipped[len(blob) // 2] ^= 0x10
+  cases = [
+      (dict(meta=[1, 2]), 'holds a list, not an object'),
+      (dict(meta={k: v for k, v in meta.items() if k != 'res'}), '"res" is None'),
+      (dict(meta=dict(meta, class_names=['cat', 'dog'])), 'a list of 3 names'),
+      (dict(meta=dict(meta, crop_fraction='0.875')), '"crop_fraction" is \'0.875\''),
+      (dict(meta=dict(meta, crop_fraction=-0.5)), '"crop_fraction" is -0.5'),
+      (dict(meta=dict(meta, num_classes=4, class_names=NAMES + ['x'])), 'says 4 classes'),
+      (dict(members={'exported.bin': bytes(flipped)}), 'does not match its SHA-256'),
+      # 64 MiB of JSON whitespace deflated to ~64 KiB: refused by its declared size, unread.
+      (dict(meta=b' ' * 2**26 + b'{}', compress=zipfile.ZIP_DEFLATED), 'zip bomb'),
+      (dict(meta=b' ' * (5 * 2**20) + b'{}'), 'above the limit of 4,194,304'),
+  ]
+  for i, (kw, expect) in enumerate(cases):
+    bad = _rezip(archive, tmp_path / f'bad{i}.zip', **kw)
+    with pytest.raises(predict.PredictError) as e:
+      predict.load(bad)
+    assert expect in str(e.value) and '\n' not in str(e.value), (expect, str(e.value))
+  # An image above the pixel limit is refused by predict from its header, as in training.
+  bomb = tmp_path / 'bomb.png'
+  bomb.write_bytes(_png_header(20000, 20000))
+  with pytest.raises(predict.PredictError, match='bomb.png is too large an image: .*50,000,000'):
+    predict.make_transform(meta)(str(bomb))
+  assert image_limits.MAX_PIXELS == 50_000_000
+  # Class names with control characters are printed escaped, never raw.
+  evil = _rezip(archive, tmp_path / 'evil.zip',
+                meta=dict(meta, class_names=['\x1b[2J\x1b[31mcat', 'dog\nFAKE 1.0000', 'eel']))
+  image = _write_images(str(tmp_path))[0]
+  r = _run('coatnet_jax.predict', '--model', evil, image, cache=str(tmp_path / 'cache'))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert '\x1b' not in r.stdout
+  assert '\\x1b[2J\\x1b[31mcat' in r.stdout and 'dog\\nFAKE 1.0000' in r.stdout
+  assert len(r.stdout.splitlines()) == 4
+
+
+def _png_header(width, height):
+  """A valid PNG header declaring width x height over a few bytes of data (a 'bomb')."""
+  import struct  # pylint: disable=g-import-not-at-top
+  import zlib  # pylint: disable=g-import-not-at-top
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack(
+        '>I', zlib.crc32(kind + data) & 0xffffffff)
+
+  ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
+          + chunk(b'IEND', b''))

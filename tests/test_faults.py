@@ -373,3 +373,135 @@ def test_bad_input_is_one_line_and_workdir_untouched(tmp_path, reference, case):
     assert not os.path.exists(workdir)
   else:
     assert _tree_snapshot(workdir) == before
+
+
+# Issue 15: one run per workdir, Ctrl-C, unreadable metadata, resume changes, bad values.
+
+
+def _bytes(workdir):
+  """Every file of the workdir with its bytes: 'untouched' means byte for byte (the lock file,
+  which names the last process that held the workdir, aside)."""
+  out = {}
+  for d, _, files in os.walk(workdir):
+    for name in files:
+      if name == 'run.lock':
+        continue
+      with open(os.path.join(d, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(d, name), workdir)] = f.read()
+  return out
+
+
+def test_second_run_is_refused_naming_the_holder_and_ctrl_c_saves(tmp_path, cache):
+  workdir = str(tmp_path / 'run')
+  total = 100_000
+  first = _start(workdir, total, ['--config.checkpoint_every_steps=1000'], cache_dir=cache)
+  _wait_for(lambda: _progress(first, total) >= 2, first)
+  config = _bytes(workdir)['config.json']
+  rc, log = _run(workdir, total, ['--config.checkpoint_every_steps=1000', '--config.seed=5'],
+                 ok=False, timeout=120, log=str(tmp_path / 'second.log'))
+  line = _last_line(log)
+  assert rc == 1 and line.startswith('error: ') and 'Traceback' not in log, log[-3000:]
+  assert 'in use' in line and f'pid {first.pid} ' in line and 'started' in line, line
+  assert _bytes(workdir)['config.json'] == config  # The second run wrote nothing.
+  # Ctrl-C: the first run saves the step it reached and exits 0, as on SIGTERM.
+  first.send_signal(signal.SIGINT)
+  rc, log = _finish(first, timeout=60, ok=False)
+  assert rc == 0 and 'Traceback' not in log and 'KeyboardInterrupt' not in log, log[-3000:]
+  step = int(re.search(r'Preempted: saved step (\d+)', log).group(1))
+  assert step >= 2 and _ckpt_steps(workdir) == [step]
+  assert int(_load(workdir, step)["['step']"]) == step
+  # The lock went with the process: the same workdir resumes at once.
+  _, log = _run(workdir, step + 1, cache_dir=cache)
+  assert f'Restored step {step}' in log
+  _assert_no_gap_no_duplicate(workdir, step + 1)
+
+
+def _garble_metadata(workdir):
+  for step in _ckpt_steps(workdir):
+    with open(os.path.join(workdir, 'checkpoints', str(step), 'metadata', 'metadata'), 'w') as f:
+      f.write('{"model": "test_tiny", "arch')  # Cut mid-write.
+
+
+def test_unreadable_metadata_everywhere_restores_the_arrays_and_keeps_history(tmp_path, cache,
+                                                                              reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  _garble_metadata(workdir)
+  history = _metrics(workdir)
+  _, log = _run(workdir, STEPS + 2, REF_ARGS, cache_dir=cache)
+  assert 'Restored step 30' in log and 'metadata is unreadable' in log, log[-3000:]
+  rows = _metrics(workdir)
+  assert rows[:len(history)] == history  # Nothing of the history dropped.
+  _assert_no_gap_no_duplicate(workdir, STEPS + 2)
+
+
+def test_no_restorable_checkpoint_stops_and_leaves_everything(tmp_path, cache, reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  _garble_metadata(workdir)
+  for step in _ckpt_steps(workdir):  # The arrays too: nothing can be recovered.
+    os.remove(_largest(os.path.join(workdir, 'checkpoints', str(step), 'state')))
+  before = _bytes(workdir)
+  rc, log = _run(workdir, STEPS, REF_ARGS, cache_dir=cache, ok=False)
+  line = _last_line(log)
+  assert rc == 1 and line.startswith('error: ') and 'nothing was moved' in line, log[-3000:]
+  assert _bytes(workdir) == before
+
+
+def test_resume_refuses_changed_config_and_records_accepted_changes(tmp_path, cache, reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  before = _bytes(workdir)
+  for steps, extra, expect in (
+      (STEPS, ['--config.optim.lr=0.5', '--config.batch_size=32', '--config.seed=3'],
+       ('optim.lr 0.002 -> 0.5', 'batch_size 64 -> 32', 'seed 0 -> 3')),
+      (15, ['--config.allow_resume_changes=True'], ('end at step 15, below step 30',))):
+    rc, log = _run(workdir, steps, REF_ARGS + extra, ok=False, timeout=120,
+                   log=str(tmp_path / 'log'))
+    line = _last_line(log)
+    assert rc == 1 and line.startswith('error: ') and 'Traceback' not in log, log[-3000:]
+    assert all(e in line for e in expect), line
+    assert _bytes(workdir) == before, extra
+  # Longer, logged and saved at another cadence: accepted and recorded.
+  _, log = _run(workdir, STEPS + 4, ['--config.checkpoint_every_steps=2',
+                                      '--config.keep_checkpoints=4'], cache_dir=cache)
+  assert 'Restored step 30' in log
+  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
+    history = [json.loads(line) for line in f]
+  assert history == [{'step': 30, 'time': history[0]['time'], 'changes': {
+      'checkpoint_every_steps': [4, 2], 'total_steps': [30, 34]}}], history
+  assert _ckpt_steps(workdir)[-1] == 34 and min(_ckpt_steps(workdir)) >= 20
+  _assert_no_gap_no_duplicate(workdir, STEPS + 4)
+
+
+def test_every_bad_value_is_one_line_each_and_the_run_untouched(tmp_path, reference):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(reference, workdir)
+  before = _bytes(workdir)
+  bad = {'--config.batch_size=-8': 'batch_size=-8', '--config.data.image_size=0': 'image_size=0',
+         '--config.accum_steps=0': 'accum_steps=0', '--config.mesh.data=0': 'mesh.data=0',
+         '--config.log_every_steps=0': 'log_every_steps=0', '--config.loss.kind=hinge': "'hinge'",
+         '--config.optim.schedule=step': "'step'", '--config.model.dtype=float16': 'float16',
+         '--config.num_classes=3': 'num_classes=3'}
+  rc, log = _run(workdir, -5, list(bad), ok=False, timeout=120, log=str(tmp_path / 'log'))
+  errors = [l for l in log.splitlines() if l.startswith('error: ')]
+  assert rc == 1 and 'Traceback' not in log, log[-3000:]
+  for flag, expect in list(bad.items()) + [('total_steps', 'total_steps=-5')]:
+    assert sum(expect in e for e in errors) == 1, (flag, errors)
+  assert len(errors) == len(bad) + 1, errors
+  assert _bytes(workdir) == before
+  # Against the data and the devices: a batch larger than the train split; on 8 devices a mesh
+  # that does not fit them, an eval batch they do not divide, and accumulation that leaves
+  # micro-batches of 4 for 8 devices.
+  for extra, devices, expect in (
+      (['--config.batch_size=2000'], 1, ['larger than the 1438 examples']),
+      (['--config.mesh.data=3', '--config.mesh.fsdp=1', '--config.eval_batch_size=60',
+        '--config.batch_size=64', '--config.accum_steps=16'], 8,
+       ['does not fit the 8 devices', 'eval_batch_size=60 is not divisible by the 8 devices',
+        'accum_steps=16 = 4 is not divisible by the 8 devices; use a multiple of 128'])):
+    rc, log = _run(workdir, STEPS, extra, devices=devices, ok=False, timeout=120,
+                   log=str(tmp_path / 'log'))
+    errors = [l for l in log.splitlines() if l.startswith('error: ')]
+    assert rc == 1 and len(errors) == len(expect), (extra, log[-3000:])
+    assert all(any(e in l for l in errors) for e in expect), errors
+    assert _bytes(workdir) == before

@@ -15,7 +15,8 @@ relative-bias tables resized as ``evaluate --res`` does).
   variables.msgpack   ``flax.serialization.msgpack_serialize`` of {'params', 'batch_stats'} (numpy)
   meta.json           model, res, num_classes, class_names, output (softmax|sigmoid), the eval
                       protocol for ``predict`` (crop_fraction, eval_resize_method), source workdir,
-                      step, weights, jax version, platforms
+                      step, weights, jax version, platforms, and the SHA-256 of the two other
+                      members (``predict`` checks them: ``coatnet_jax.archive_checks``)
 
 The function is lowered for every one of ``--platforms`` (default cpu,cuda,tpu; lowering needs no
 such device, so one archive made on a CPU-only machine serves all three). ``python -m
@@ -38,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coatnet_jax import archive_checks
 from coatnet_jax import input_pipeline
 from coatnet_jax import pretrained
 from coatnet_jax import train
@@ -143,7 +145,12 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
       'platforms': list(exported.platforms),
       'files': {'exported': EXPORTED, 'variables': VARIABLES},
   }
-  return bytes(exported.serialize()), variables, meta
+  serialized = bytes(exported.serialize())
+  # Checked by predict (coatnet_jax.archive_checks): a damaged or altered member is one line.
+  meta['sha256'] = {'exported': archive_checks.sha256(serialized),
+                    'variables': archive_checks.sha256(
+                        flax.serialization.msgpack_serialize(variables))}
+  return serialized, variables, meta
 
 
 def write_archive(out: str, exported: bytes, variables: dict, meta: dict) -> None:
