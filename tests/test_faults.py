@@ -505,3 +505,18 @@ def test_every_bad_value_is_one_line_each_and_the_run_untouched(tmp_path, refere
     assert rc == 1 and len(errors) == len(expect), (extra, log[-3000:])
     assert all(any(e in l for l in errors) for e in expect), errors
     assert _bytes(workdir) == before
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+  from coatnet_jax import train  # pylint: disable=g-import-not-at-top
+  preemption = train.Preemption()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)  # The first: save at the end of the step.
+    time.sleep(0.1)
+    assert preemption.signalled == 'SIGINT' and preemption.reached(None, 1)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+  finally:
+    preemption.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
