@@ -11,7 +11,7 @@ comes from a file inside the scikit-image (0.26) or scikit-learn wheel.
   textures  3 classes, tile-like (GasHisSDB kind): the 512x512 grayscale brick, grass and gravel
             photographs, each cut into 64 non-overlapping 64x64 tiles (192 tiles).
   photos    binary, tile-like, colour: scikit-learn's two sample photographs (china, flower,
-            427x640), each cut into 48 non-overlapping 64x64 tiles (96 tiles).
+            427x640), each cut into 60 non-overlapping 64x64 tiles (120 tiles).
 
 scikit-image is a development dependency (requirements-dev.txt); this tool names the install
 command when it is missing.
