@@ -10,6 +10,7 @@ and ``tools.baseline``, whose splits must be exactly the documented hash rule's 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -126,8 +127,9 @@ def test_linear_probe_features_are_the_classifiers_input(faces, faces_run):
   pre = pretrained.read(workdir, use_ema=False)
   images, _ = baseline.split_arrays(pre.config.data, 'test')
   feats = baseline.features(workdir, 32, images)
-  logits = train.build_model(pre.config, 2).apply(
-      pre.variables, input_pipeline.normalize(images), train=False)
+  model = train.build_model(pre.config, 2)
+  logits = jax.jit(lambda v, x: model.apply(v, input_pipeline.normalize(x), train=False))(
+      pre.variables, images)
   head = pre.variables['params']['classifier']
   np.testing.assert_allclose(feats @ head['kernel'] + head['bias'], logits, rtol=1e-4, atol=1e-4)
   assert feats.shape == (len(images), head['kernel'].shape[0])
