@@ -36,7 +36,13 @@ BatchNorm statistics are recomputed over 10 train batches (eval view) before eve
 Published reference on GasHisSDB (CoAtNet-1, 160 px): 98.74% accuracy,
 99.38 F1, 99.97 precision; not reproduced with this code.
 
-MEASURED
+Measured (coatnet_pico from scratch, float32, 2 CPU cores, split 60/10/30 by the hash rule,
+test accuracy; the sets that ``python -m coatnet_jax.tools.sample_sets`` writes from package
+files, README "Small real datasets"): faces (2 classes, 124 train / 60 test, res 32) 0.983 against
+0.967 for logistic regression on pixels (``tools.baseline``) and 0.850 with the running averages
+instead of recomputed statistics; textures (3 classes of 64 px tiles, 111 / 59, res 64) 1.000
+against 0.729 and 0.542; photos (2 classes of 64 px colour tiles, 72 / 42) 0.976 against 0.714.
+TEXTURES_CROP_DOC
 """
 
 import dataclasses
