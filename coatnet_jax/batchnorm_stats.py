@@ -17,7 +17,9 @@ evaluation). The batches are the train split through the EVAL transform, shuffle
 (``input_pipeline.batchnorm_iterator``): the statistics are those of the inputs evaluation will
 see (FixRes, Touvron et al. 2019: train-time crops change activation statistics), with the mix
 of examples of a training batch. Parameters are untouched and the train step never reads the
-running averages, so training, and a resumed run, go on exactly as without it.
+running averages, so training, and a resumed run, go on exactly as without it. The state has one
+set of statistics, those of ``params``; an EMA model's eval uses them too. A preemption save keeps
+the running averages (the run resumes and recomputes before its next eval).
 """
 
 import flax
