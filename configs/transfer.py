@@ -42,7 +42,8 @@ files, README "Small real datasets"): faces (2 classes, 124 train / 60 test, res
 0.967 for logistic regression on pixels (``tools.baseline``) and 0.850 with the running averages
 instead of recomputed statistics; textures (3 classes of 64 px tiles, 111 / 59, res 64) 1.000
 against 0.729 and 0.542; photos (2 classes of 64 px colour tiles, 72 / 42) 0.976 against 0.714.
-TEXTURES_CROP_DOC
+Crop area 25-100% against the usual 8-100% on textures: 1.000 against 0.949; ``tiles`` there: 1.000.
+One run per setting; the settings were fixed before these runs, not searched on the test images.
 """
 
 import dataclasses
