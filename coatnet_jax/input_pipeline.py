@@ -88,7 +88,8 @@ def _digits_arrays(image_size: int, split: str):
   return np.repeat(images[..., None], 3, axis=-1), labels
 
 
-def _digits_train(config, global_batch, seed, process_index, process_count, start_step):
+def _digits_train(config, global_batch, seed, process_index, process_count, start_step,
+                  eval_view=False):
   images, labels = _digits_arrays(config.image_size, 'train')
   local = local_batch_size(global_batch, process_count)
   steps_per_epoch = len(labels) // global_batch
@@ -103,7 +104,7 @@ def _digits_train(config, global_batch, seed, process_index, process_count, star
     mine = slice(process_index * local, (process_index + 1) * local)
     idx = perm[i * global_batch:(i + 1) * global_batch][mine]
     batch_images = images[idx]
-    if config.get('max_shift', 0):
+    if config.get('max_shift', 0) and not eval_view:
       shifts = np.random.default_rng((seed, step, 1)).integers(
           0, 2 * config.max_shift + 1, size=(global_batch, 2))[mine]
       batch_images = _shift(batch_images, config.max_shift, shifts)
@@ -173,18 +174,27 @@ def _as_numpy(ds):
   return iter(tfds.as_numpy(ds))
 
 
-def _tf_train(config, global_batch, seed, process_index, process_count, start_step):
+def _tf_train(config, global_batch, seed, process_index, process_count, start_step,
+              eval_view=False):
   from coatnet_jax.data import streams  # pylint: disable=g-import-not-at-top
+  from coatnet_jax.data import transforms  # pylint: disable=g-import-not-at-top
   source = _source(config)
   ra = config.get('randaugment') or {}
   local = local_batch_size(global_batch, process_count)
   n_local = source.local_train_size(config.train_split, process_index, process_count)
 
   def transform(image_bytes, example_seed):
+    if eval_view:
+      return transforms.eval_image(image_bytes, config.image_size, _eval_crop(config),
+                                   config.get('eval_resize_method', 'bicubic'))
     return streams.train_transform(
         image_bytes, example_seed, image_size=config.image_size,
         randaugment_layers=ra.get('num_layers', 0), randaugment_magnitude=ra.get('magnitude', 0),
-        resize_method=config.get('train_resize_method', 'bilinear'))
+        resize_method=config.get('train_resize_method', 'bilinear'),
+        crop_area=tuple(config.get('crop_area', (0.08, 1.0))),
+        crop_aspect=tuple(config.get('crop_aspect', (3 / 4, 4 / 3))),
+        hflip=config.get('hflip', True), vflip=config.get('vflip', False),
+        rot90=config.get('rot90', False))
 
   logging.info('Train stream of %s[%s]: %d examples on process %d, from step %d (epoch %d).',
                config.name, config.train_split, n_local, process_index, start_step,
@@ -259,6 +269,16 @@ def train_iterator(config, global_batch: int, *, seed: int, process_index: int =
   if config.name == 'digits':
     return _digits_train(*args)
   return _tf_train(*args)
+
+
+def batchnorm_iterator(config, global_batch: int, *, seed: int, process_index: int = 0,
+                       process_count: int = 1) -> Iterator[Batch]:
+  """Batches of the train split in the train stream's shuffled order, through the EVAL
+  transform (no augmentation), for BatchNorm's population statistics (batchnorm_stats.py)."""
+  args = (config, global_batch, seed, process_index, process_count, 0)
+  if config.name == 'digits':
+    return _digits_train(*args, eval_view=True)
+  return _tf_train(*args, eval_view=True)
 
 
 def eval_iterator(config, global_batch: int, *, process_index: int = 0,

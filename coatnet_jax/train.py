@@ -32,6 +32,7 @@ import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
+from coatnet_jax import batchnorm_stats
 from coatnet_jax import checkpointing
 from coatnet_jax import config_checks
 from coatnet_jax import cost
@@ -70,7 +71,7 @@ def build_model(config, num_classes: int):
 def total_steps(config, train_size: int) -> int:
   if config.get('total_steps'):
     return config.total_steps
-  return int(config.num_epochs * train_size // config.batch_size)
+  return max(int(config.num_epochs * train_size // config.batch_size), config.get('min_steps', 0))
 
 
 def build_optimizer(config, train_size: int):
@@ -577,7 +578,20 @@ def _train_and_evaluate(config, workdir: str, info, num_classes: int) -> dict:
       metrics_lib.train_flops_per_image(_model_macs(model, size)),
       metrics_lib.peak_flops(device_kind))
 
+  bn_stats, recalibrated = None, []  # recalibrated: the steps whose statistics were recomputed.
+  if config.get('batchnorm_batches') and jax.tree.leaves(state.batch_stats):
+    bn_stats = batchnorm_stats.Recalibrator(
+        config, build_model(batchnorm_stats.recalibration_config(config), num_classes), mesh,
+        state_shardings, pi, pc)
+
+  def recalibrate(step):
+    nonlocal state
+    if bn_stats is not None and step not in recalibrated[-1:]:
+      state = state.replace(batch_stats=bn_stats(state.params, state.batch_stats))
+      recalibrated.append(step)
+
   def run_eval(step):
+    recalibrate(step)
     results = {}
     weights = [('', state.params)]
     if state.ema_params is not None:
@@ -666,7 +680,8 @@ def _train_and_evaluate(config, workdir: str, info, num_classes: int) -> dict:
         results = run_eval(step)
         excluded = time.perf_counter() - t
       if config.get('checkpoint_every_steps') and step % config.checkpoint_every_steps == 0:
-        excluded += save(step, pending, results)
+        recalibrate(step)
+        excluded = time.perf_counter() - t + save(step, pending, results)
       throughput.exclude(excluded)
       if step != steps and preemption.reached(manager, step):
         t = time.perf_counter()

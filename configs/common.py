@@ -68,6 +68,14 @@ def get_base_config():
   c.data.eval_resize_method = 'bicubic'  # Eval resize, antialiased.
   c.data.shuffle_buffer = 50_000  # Examples; the TFRecord sources' per-epoch seeded shuffle.
   c.data.max_shift = 0  # Digits only: random translation in pixels.
+  # Train view of the TF sources (data/streams.py): Inception crop of an area fraction and aspect
+  # ratio drawn from these ranges (tiles keep their scale cue with a narrow area range), random
+  # left-right flip, up-down flip and rotation by k x 90 degrees (for images with no up).
+  c.data.crop_area = (0.08, 1.0)
+  c.data.crop_aspect = (3 / 4, 4 / 3)
+  c.data.hflip = True
+  c.data.vflip = False
+  c.data.rot90 = False
   # RandAugment(N, M), TF EfficientNet magnitudes, M not clipped at 10 (data/randaugment.py).
   c.data.randaugment = ml_collections.ConfigDict({'num_layers': 0, 'magnitude': 0})
 
@@ -76,6 +84,10 @@ def get_base_config():
   c.eval_batch_size = 1024
   c.num_epochs = 300.0
   c.total_steps = 0  # > 0 overrides num_epochs.
+  c.min_steps = 0  # The schedule from num_epochs runs at least this many steps (small datasets).
+  # > 0: before each eval and save, BatchNorm mean/variance are recomputed over this many train
+  # batches (eval view) instead of the running averages (coatnet_jax/batchnorm_stats.py).
+  c.batchnorm_batches = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3

@@ -28,12 +28,22 @@ def example_seed(seed, process_index, position):
 
 
 def train_transform(image_bytes, seed, *, image_size, randaugment_layers=0,
-                    randaugment_magnitude=0, resize_method='bilinear'):
-  """Table 10 train view: Inception crop, flip, RandAugment(N, M); uint8 out."""
+                    randaugment_magnitude=0, resize_method='bilinear', crop_area=(0.08, 1.0),
+                    crop_aspect=(3 / 4, 4 / 3), hflip=True, vflip=False, rot90=False):
+  """Table 10 train view: Inception crop (area and aspect ranges), flips, 90-degree rotations,
+  RandAugment(N, M); uint8 out. The optional ops draw seeds folded from ``seed`` apart from the
+  three split ones, so the default view is the same with or without them."""
   crop_seed, flip_seed, ra_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
-  image = transforms.random_resized_crop(image_bytes, image_size, crop_seed, method=resize_method,
+  image = transforms.random_resized_crop(image_bytes, image_size, crop_seed, scale=crop_area,
+                                         ratio=crop_aspect, method=resize_method,
                                          antialias=resize_method != 'bilinear')
-  image = transforms.random_flip(image, flip_seed)
+  if hflip:
+    image = transforms.random_flip(image, flip_seed)
+  if vflip:
+    image = tf.image.stateless_random_flip_up_down(
+        image, tf.random.experimental.stateless_fold_in(seed, 3))
+  if rot90:
+    image = transforms.random_rot90(image, tf.random.experimental.stateless_fold_in(seed, 4))
   image = randaugment.randaugment(image, randaugment_layers, randaugment_magnitude, ra_seed)
   image.set_shape([image_size, image_size, 3])
   return image

@@ -79,6 +79,12 @@ def random_flip(image, seed):
   return tf.image.stateless_random_flip_left_right(image, seed)
 
 
+def random_rot90(image, seed):
+  """A rotation by k x 90 degrees, k uniform in 0..3 (square images: tiles have no up)."""
+  k = tf.random.stateless_uniform([], seed, 0, 4, dtype=tf.int32)
+  return tf.image.rot90(image, k)
+
+
 def center_crop_window(shape, crop_fraction):
   """The central square of side ``crop_fraction`` x the shorter side, as [y, x, h, w]."""
   h, w = shape[0], shape[1]

@@ -1,0 +1,100 @@
+r"""Small real image sets that installed packages ship, written as class folders for transfer runs.
+
+  python -m coatnet_jax.tools.sample_sets --out DIR [--sets faces,textures,photos]
+
+writes DIR/<set>/<class>/<image>.png, the layout ``configs/transfer.py:data_dir=DIR/<set>`` reads
+(split by the documented path hash). Nothing is downloaded and nothing is generated: every pixel
+comes from a file inside the scikit-image (0.26) or scikit-learn wheel.
+
+  faces     binary, object-like: scikit-image's ``lfw_subset``, 100 face and 100 non-face 25x25
+            grayscale crops (Labeled Faces in the Wild).
+  textures  3 classes, tile-like (GasHisSDB kind): the 512x512 grayscale brick, grass and gravel
+            photographs, each cut into 64 non-overlapping 64x64 tiles (192 tiles).
+  photos    binary, tile-like, colour: scikit-learn's two sample photographs (china, flower,
+            427x640), each cut into 60 non-overlapping 64x64 tiles (120 tiles).
+
+scikit-image is a development dependency (requirements-dev.txt); this tool names the install
+command when it is missing.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+SETS = ('faces', 'textures', 'photos')
+TILE = 64
+
+_OUT = flags.DEFINE_string('out', None, 'Folder to write DIR/<set>/<class>/<image>.png into.')
+_SETS = flags.DEFINE_list('sets', list(SETS), f'Which sets: {", ".join(SETS)}.')
+
+
+def _skimage_data():
+  try:
+    from skimage import data  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise RuntimeError('the sample sets need scikit-image: pip install scikit-image==0.26.0') from e
+  return data
+
+
+def _tiles(image, size=TILE):
+  """Non-overlapping size x size tiles, row-major, of the top-left whole-tile region."""
+  rows, cols = image.shape[0] // size, image.shape[1] // size
+  return [image[r * size:(r + 1) * size, c * size:(c + 1) * size]
+          for r in range(rows) for c in range(cols)]
+
+
+def images(name):
+  """{class name: [uint8 image (H, W) or (H, W, 3)]} of sample set ``name``."""
+  if name == 'faces':
+    crops = np.round(_skimage_data().lfw_subset() * 255).astype(np.uint8)  # First 100 are faces.
+    return {'face': list(crops[:100]), 'non_face': list(crops[100:])}
+  if name == 'textures':
+    data = _skimage_data()
+    return {c: _tiles(getattr(data, c)()) for c in ('brick', 'grass', 'gravel')}
+  if name == 'photos':
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    sample = datasets.load_sample_images()
+    return {os.path.splitext(os.path.basename(f))[0]: _tiles(im)
+            for f, im in zip(sample.filenames, sample.images)}
+  raise ValueError(f'unknown sample set {name!r}; valid: {", ".join(SETS)}')
+
+
+def write(name, root):
+  """Writes set ``name`` to root/<class>/<class>_NNN.png (skipped if already complete);
+  returns {class: count}."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top (scikit-image's dependency)
+  counts = {}
+  for cls, ims in images(name).items():
+    folder = os.path.join(root, cls)
+    os.makedirs(folder, exist_ok=True)
+    for i, im in enumerate(ims):
+      path = os.path.join(folder, f'{cls}_{i:03d}.png')
+      if not os.path.exists(path):
+        tmp = path + '.tmp'
+        Image.fromarray(im).save(tmp, format='PNG')
+        os.replace(tmp, path)  # A crash never leaves a truncated PNG under the final name.
+    counts[cls] = len(ims)
+  return counts
+
+
+def main(argv):
+  del argv
+  if not _OUT.value:
+    sys.exit('error: --out DIR is required: the folder to write the sample sets into.')
+  unknown = [s for s in _SETS.value if s not in SETS]
+  if unknown:
+    sys.exit(f'error: unknown --sets {",".join(unknown)}; valid: {", ".join(SETS)}.')
+  try:
+    for name in _SETS.value:
+      counts = write(name, os.path.join(_OUT.value, name))
+      print(f'{os.path.join(_OUT.value, name)}: ' +
+            ', '.join(f'{c} {n}' for c, n in counts.items()))
+  except RuntimeError as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)
