@@ -183,10 +183,12 @@ def _tf_train(config, global_batch, seed, process_index, process_count, start_st
   local = local_batch_size(global_batch, process_count)
   n_local = source.local_train_size(config.train_split, process_index, process_count)
 
+  protocol = eval_protocol(config)
+
   def transform(image_bytes, example_seed):
     if eval_view:
-      return transforms.eval_image(image_bytes, config.image_size, _eval_crop(config),
-                                   config.get('eval_resize_method', 'bicubic'))
+      return transforms.eval_image(image_bytes, config.image_size, protocol['crop_fraction'],
+                                   protocol['resize_method'])
     return streams.train_transform(
         image_bytes, example_seed, image_size=config.image_size,
         randaugment_layers=ra.get('num_layers', 0), randaugment_magnitude=ra.get('magnitude', 0),

@@ -15,6 +15,7 @@ status 1) before anything is printed.
 """
 
 import json
+import os
 import re
 import sys
 import zipfile

@@ -18,22 +18,24 @@ one JSON object.
 """
 
 import json
-import sys
 
-from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
 import numpy as np
 
+from coatnet_jax import cli
 from coatnet_jax import input_pipeline
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', 'configs/transfer.py', 'The run\'s config (default configs/transfer.py), with '
-    '":ARGS"; --config.a.b=VALUE overrides.', lock_config=False)
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'The class folders (sets config.data.data_dir).')
-_INIT = flags.DEFINE_string('init', None, 'A pre-trained run or import: adds a linear probe on '
-                            'its frozen features.')
+
+def _define_flags():
+  """Defined only when run as a command: tests import this module beside other tools' flags."""
+  config_flags.DEFINE_config_file(
+      'config', 'configs/transfer.py', 'The run\'s config (default configs/transfer.py), with '
+      '":ARGS"; --config.a.b=VALUE overrides.', lock_config=False)
+  flags.DEFINE_string('data_dir', None, 'The class folders (sets config.data.data_dir).')
+  flags.DEFINE_string('init', None, 'A pre-trained run or import: adds a linear probe on '
+                      'its frozen features.')
 
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 K_GRID = (1, 3, 5, 7, 9)
@@ -128,16 +130,16 @@ def run(config, init=None):
 
 def main(argv):
   if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}; see --help.')
-  config = _CONFIG.value
-  if _DATA_DIR.value:
-    config.data.data_dir = _DATA_DIR.value
+    cli.fail(f'unexpected arguments {argv[1:]}; see --help.')
+  config = flags.FLAGS.config
+  if flags.FLAGS.data_dir:
+    config.data.data_dir = flags.FLAGS.data_dir
   if not config.data.get('data_dir') and config.data.name == 'folders':
-    sys.exit('error: --data_dir DIR is required: the class folders of the run.')
+    cli.fail('--data_dir DIR is required: the class folders of the run.')
   try:
-    result = run(config, _INIT.value)
+    result = run(config, flags.FLAGS.init)
   except (ValueError, OSError, input_pipeline.DataNotFoundError) as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
+    cli.fail(str(e))
   for name in ('logistic_regression', 'knn', 'linear_probe'):
     if name in result:
       r = result[name]
@@ -148,4 +150,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _define_flags()
+  cli.run(main, flags_parser=cli.parse_config_flags)

@@ -18,17 +18,20 @@ command when it is missing.
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 import numpy as np
+
+from coatnet_jax import cli
 
 SETS = ('faces', 'textures', 'photos')
 TILE = 64
 
-_OUT = flags.DEFINE_string('out', None, 'Folder to write DIR/<set>/<class>/<image>.png into.')
-_SETS = flags.DEFINE_list('sets', list(SETS), f'Which sets: {", ".join(SETS)}.')
+
+def _define_flags():
+  """Defined only when run as a command: tests import this module beside other tools' flags."""
+  flags.DEFINE_string('out', None, 'Folder to write DIR/<set>/<class>/<image>.png into.')
+  flags.DEFINE_list('sets', list(SETS), f'Which sets: {", ".join(SETS)}.')
 
 
 def _skimage_data():
@@ -82,19 +85,21 @@ def write(name, root):
 
 def main(argv):
   del argv
-  if not _OUT.value:
-    sys.exit('error: --out DIR is required: the folder to write the sample sets into.')
-  unknown = [s for s in _SETS.value if s not in SETS]
+  out, sets = flags.FLAGS.out, flags.FLAGS.sets
+  if not out:
+    cli.fail('--out DIR is required: the folder to write the sample sets into.')
+  unknown = [s for s in sets if s not in SETS]
   if unknown:
-    sys.exit(f'error: unknown --sets {",".join(unknown)}; valid: {", ".join(SETS)}.')
+    cli.fail(f'unknown --sets {",".join(unknown)}; valid: {", ".join(SETS)}.')
   try:
-    for name in _SETS.value:
-      counts = write(name, os.path.join(_OUT.value, name))
-      print(f'{os.path.join(_OUT.value, name)}: ' +
+    for name in sets:
+      counts = write(name, os.path.join(out, name))
+      print(f'{os.path.join(out, name)}: ' +
             ', '.join(f'{c} {n}' for c, n in counts.items()))
   except RuntimeError as e:
-    sys.exit(f'error: {e}')
+    cli.fail(str(e))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  _define_flags()
+  cli.run(main)
