@@ -252,8 +252,9 @@ def to_timm(variables, model_name: str) -> dict:
   """timm's state dict (numpy float32; BatchNorm's ``num_batches_tracked`` as int64 0) of
   ``variables`` of ``timm_model(model_name, ...)``: ``timm.create_model(model_name,
   img_size=...)`` loads it with ``strict=True``, at the size the relative-bias tables were made for.
+  Traceable too: ``jax.eval_shape`` of it maps keys and shapes without computing anything.
   """
-  flat = {(c,) + k: np.asarray(v) for c in ('params', 'batch_stats') if c in variables
+  flat = {(c,) + k: _host(v) for c in ('params', 'batch_stats') if c in variables
           for k, v in flax.traverse_util.flatten_dict(dict(variables[c])).items()}
   if ('params', 'classifier', 'kernel') not in flat:
     raise ValueError('variables have no classifier/kernel: not a CoAtNet variables tree.')
@@ -272,7 +273,13 @@ def to_timm(variables, model_name: str) -> dict:
   out = {}
   for path, value in flat.items():
     key = _timm_key(path, kinds, model.options)
-    out[key] = np.ascontiguousarray(_to_timm(path, value.astype(np.float32)))
+    value = _to_timm(path, value.astype(np.float32))
+    out[key] = value if isinstance(value, jax.core.Tracer) else np.ascontiguousarray(value)
     if path[-1] == 'mean':
       out[key.rsplit('.', 1)[0] + '.num_batches_tracked'] = np.zeros((), np.int64)
   return out
+
+
+def _host(value):
+  """A numpy array, unless ``to_timm`` is being traced."""
+  return value if isinstance(value, jax.core.Tracer) else np.asarray(value)
