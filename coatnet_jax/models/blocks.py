@@ -27,7 +27,8 @@ default_init = nn.initializers.normal(stddev=0.02)
 class Options:
   """Architecture switches. Defaults are the paper's form (and its TF code's); see TIMM_OPTIONS."""
 
-  # '1x1': stride in the first 1x1 conv (paper eq. 5); 'depthwise'; 'pool': pool after the pre-norm.
+  # '1x1': stride in the first 1x1 conv (paper eq. 5); 'depthwise'; 'pool': 2x2 average pool
+  # after the pre-norm (timm's, whatever ``pool`` says).
   mbconv_stride: str = '1x1'
   # Down-sampling pool: 'max' 2x2 stride 2 (paper), 'avg' 2x2, 'max3' 3x3 stride 2 pad 1 (timm 'max').
   pool: str = 'max'
@@ -171,7 +172,7 @@ class MBConvBlock(nn.Module):
     if o.mbconv_pre_norm_act:
       y = act(y)
     if o.mbconv_stride == 'pool' and self.stride > 1:
-      y = pool2x2(y, o.pool)
+      y = pool2x2(y, 'avg')
     y = conv(mid, 1, o, stride=stride_1x1, dtype=self.dtype, name='expand_conv')(y)
     y = act(norm(name='expand_norm')(y))
     y = conv(mid, 3, o, stride=stride_dw, groups=mid, dtype=self.dtype, name='depthwise_conv')(y)
