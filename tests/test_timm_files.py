@@ -121,8 +121,8 @@ def test_import_fine_tune_on_folders_and_export_back_to_timm(tmp_path, timm_stat
   _run(['coatnet_jax.main', '--config',
         f'configs/transfer.py:data_dir={data},init={imported},timm,res=32,batch=8',
         '--workdir', workdir, '--config.model.dtype=float32', '--config.total_steps=2',
-        '--config.eval_every_steps=2', '--config.checkpoint_every_steps=2',
-        '--config.log_every_steps=1'])
+        '--config.optim.warmup_epochs=0.0', '--config.eval_every_steps=2',
+        '--config.checkpoint_every_steps=2', '--config.log_every_steps=1'])
   tuned = pretrained.read(workdir, use_ema=False)
   assert tuned.metadata['model'] == 'coatnet_pico_rw' and tuned.num_classes == 2
   assert tuned.config.model.switches.to_dict() == pretrained.read_metadata(imported)[0][
