@@ -57,3 +57,26 @@ def test_rel_pos_mlp_matches_a_brute_force_loop():
       coords = np.sign(offset) * np.log(1.0 + np.abs(offset))
       want[:, q, k] = np.maximum(coords @ w1 + b1, 0.0) @ w2 + b2
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_half_input_norm_sees_the_pixels_the_pipeline_normalised():
+  from coatnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from coatnet_jax.models import coatnet  # pylint: disable=g-import-not-at-top
+  assert coatnet.IMAGENET_MEAN_RGB == input_pipeline.MEAN_RGB
+  assert coatnet.IMAGENET_STDDEV_RGB == input_pipeline.STDDEV_RGB
+  pixels = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)
+  x = input_pipeline.normalize(pixels)
+  # The stem's first conv sees pixels / 127.5 - 1: compare its input through a captured stem.
+  model = models.get_model('coatnet_pico', 3, input_norm='half')
+  variables = model.init(jax.random.key(0), x)
+  captured = {}
+
+  def grab(next_fun, args, kwargs, context):
+    if context.module.name == 'stem_conv1' and context.method_name == '__call__':
+      captured['x'] = np.asarray(args[0])
+    return next_fun(*args, **kwargs)
+
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  with nn.intercept_methods(grab):
+    model.apply(variables, x)
+  np.testing.assert_allclose(captured['x'], pixels / 127.5 - 1.0, atol=1e-5)

@@ -3,7 +3,8 @@
 Bad files are refused in one line that names the file (and the tensor); a randomly initialised
 timm model goes the whole way a user's download goes: ``import_timm``, a fine-tune on class
 folders through ``configs/transfer.py:init=DIR,timm`` and ``main``, and ``export_timm`` back to a
-file that timm loads with ``strict=True`` and that gives the fine-tuned model's logits.
+file that timm loads with ``strict=True`` and that gives the fine-tuned model's logits (the
+import and export functions run in process: the refused pickle runs the command itself).
 """
 
 import os
@@ -13,8 +14,10 @@ import numpy as np
 import pytest
 
 from coatnet_jax import checkpointing
+from coatnet_jax import convert
 from coatnet_jax import pretrained
 from coatnet_jax import train
+from coatnet_jax.tools import export_timm
 from coatnet_jax.tools import import_timm
 from run_module import run_module as _run
 
@@ -107,13 +110,11 @@ def _write_folders(root, size=32, per_class=30):
 
 
 def test_import_fine_tune_on_folders_and_export_back_to_timm(tmp_path, timm_state):
-  model, state = timm_state
+  _, state = timm_state
   weights = str(tmp_path / 'download.safetensors')
   safetensors_numpy.save_file(state, weights)
   imported = str(tmp_path / 'imported')
-  proc = _run(['coatnet_jax.tools.import_timm', '--model', NAME, '--weights', weights, '--out',
-               imported])
-  assert f'init={imported},timm' in proc.stdout
+  import_timm.import_timm(NAME, weights, imported)  # the command's function, in process
   assert checkpointing.latest_metadata(imported)['model'] == 'coatnet_pico_rw'
 
   data, workdir = str(tmp_path / 'folders'), str(tmp_path / 'run')
@@ -129,9 +130,8 @@ def test_import_fine_tune_on_folders_and_export_back_to_timm(tmp_path, timm_stat
       'config']['model']['switches']
 
   exported = str(tmp_path / 'tuned.safetensors')
-  proc = _run(['coatnet_jax.tools.export_timm', '--workdir', workdir, '--model', NAME, '--out',
-               exported, '--weights', 'params'])
-  assert 'img_size=32' in proc.stdout and 'num_classes=2' in proc.stdout
+  info = export_timm.export_timm(workdir, NAME, exported, use_ema=False)
+  assert (info['img_size'], info['num_classes']) == (32, 2)
   back = timm.create_model(NAME, pretrained=False, num_classes=2, img_size=32).eval()
   back.load_state_dict({k: torch.from_numpy(v)
                         for k, v in safetensors_numpy.load_file(exported).items()}, strict=True)
@@ -139,13 +139,11 @@ def test_import_fine_tune_on_folders_and_export_back_to_timm(tmp_path, timm_stat
   ours = np.asarray(train.build_model(tuned.config, 2).apply(tuned.variables, images,
                                                              train=False))
   with torch.no_grad():
-    theirs = back(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+    theirs = back(torch.from_numpy(convert.timm_input(images, NAME))).numpy()
   assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
   # Not the imported weights: the fine-tune changed them (the head is new: 2 classes, not 11).
   assert not np.array_equal(back.state_dict()['stem.conv1.weight'].numpy(),
                             state['stem.conv1.weight'])
 
-  again = _run(['coatnet_jax.tools.export_timm', '--workdir', workdir, '--model',
-                'coatnet_nano_rw_224', '--out', str(tmp_path / 'other.safetensors')], check=False)
-  assert again.returncode == 1 and again.stderr.startswith('error: ') and 'coatnet_nano_rw' in \
-      again.stderr
+  with pytest.raises(ValueError, match="switches differ|'coatnet_nano_rw'"):
+    export_timm.export_timm(workdir, 'coatnet_nano_rw_224', str(tmp_path / 'other.safetensors'))

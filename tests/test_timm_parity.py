@@ -25,10 +25,11 @@ SMALL = (64, 96)  # S3 4x6, S4 2x3: non-square, and fast.
 FORWARD = ['coatnet_pico_rw_224', 'coatnet_nano_rw_224', 'coatnet_rmlp_nano_rw_224',
            'coatnet_0_rw_224', 'coatnet_bn_0_rw_224', 'coatnet_rmlp_0_rw_224', 'coatnet_1_rw_224',
            'coatnet_rmlp_1_rw_224', 'coatnet_rmlp_1_rw2_224', 'coatnet_2_rw_224',
-           'coatnet_rmlp_2_rw_224', 'coatnet_rmlp_2_rw_384', 'coatnet_1_224']
-# Keys and shapes only: the CoAtNet-3 and larger layouts (their switches run above).
-KEYS_AND_SHAPES = ['coatnet_3_rw_224', 'coatnet_rmlp_3_rw_224', 'coatnet_3_224', 'coatnet_4_224',
-                   'coatnet_5_224']
+           'coatnet_rmlp_2_rw_384']
+# Keys and shapes only: the CoAtNet-3 and larger layouts, and models whose architecture runs above
+# (coatnet_rmlp_2_rw_224 is coatnet_rmlp_2_rw_384's; coatnet_1_224 has coatnet_0_224's switches).
+KEYS_AND_SHAPES = ['coatnet_rmlp_2_rw_224', 'coatnet_1_224', 'coatnet_3_rw_224',
+                   'coatnet_rmlp_3_rw_224', 'coatnet_3_224', 'coatnet_4_224', 'coatnet_5_224']
 
 
 def _randomised_timm_model(name, seed, img_size=224):
@@ -106,15 +107,14 @@ def _state(timm_model):
 def test_timm_models_match_and_round_trip(name):
   size = (384, 384) if name.endswith('_384') else SMALL
   timm_model = _randomised_timm_model(name, 0, size)
-  images = np.random.default_rng(1).normal(size=(2, 3) + size).astype(np.float32)
+  images = np.random.default_rng(1).normal(size=(2,) + size + (3,)).astype(np.float32)
+  timm_images = torch.from_numpy(convert.timm_input(images, name))  # rw: mean = std = 0.5
   with torch.no_grad():
-    x = torch.from_numpy(images)
-    want_features = timm_model.stages(timm_model.stem(x)).numpy().transpose(0, 2, 3, 1)
-    want = timm_model(x).numpy()
+    want_features = timm_model.stages(timm_model.stem(timm_images)).numpy().transpose(0, 2, 3, 1)
+    want = timm_model(timm_images).numpy()
   state = _state(timm_model)
   model, variables = convert.from_timm(state, name, image_size=size)
-  got, inter = model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)), train=False,
-                           mutable=['intermediates'])
+  got, inter = model.apply(variables, jnp.asarray(images), train=False, mutable=['intermediates'])
   got, got_features = np.asarray(got), np.asarray(inter['intermediates']['stage4'][0])
   feature_scale = np.abs(want_features).max()
   assert np.abs(want_features[0] - want_features[1]).max() > 0.02 * feature_scale
@@ -139,7 +139,7 @@ def test_timm_models_match_and_round_trip(name):
   fresh = timm.create_model(name, pretrained=False, num_classes=17, img_size=size).eval()
   fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
   with torch.no_grad():
-    reloaded = fresh(torch.from_numpy(images)).numpy()
+    reloaded = fresh(timm_images).numpy()
   assert np.abs(reloaded - got).max() < 1e-4 * np.abs(want).max()
 
 

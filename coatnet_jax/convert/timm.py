@@ -31,10 +31,12 @@ class TimmModel:
   head_size: int = 32  # timm uses 32 everywhere (for coatnet_5 the paper uses 64).
 
 
-# _rw_coat_cfg / _rw_max_cfg of timm/models/maxxvit.py, on top of timm's general switches.
+# _rw_coat_cfg / _rw_max_cfg of timm/models/maxxvit.py, on top of timm's general switches; the
+# input normalisation is that of the weights timm publishes (its pretrained_cfg mean and std).
+# timm's models take inputs as timm normalises them; ``timm_input`` maps ours to theirs.
 _RW = dataclasses.replace(
     TIMM_OPTIONS, conv_act='silu', mbconv_expand_from='input', attention_width='input',
-    head_pre_logits=False, head_norm='spatial')
+    head_pre_logits=False, head_norm='spatial', input_norm='half')
 _RW_COAT = dataclasses.replace(_RW, mbconv_stride='pool', mbconv_pre_norm_act=True,
                                mbconv_output_bias=False, se_act='relu')
 _RW_MAX = dataclasses.replace(_RW, mbconv_stride='depthwise')
@@ -59,7 +61,7 @@ _TIMM_CONFIGS = {  # timm config name -> (layout, switches), as timm's model_cfg
                                               layer_scale=1e-6)),
     'coatnet_bn_0_rw': ('coatnet_0_rw', _rw_coat(
         mbconv_stride='depthwise', se_early=True, transformer_shortcut_bias=False,
-        transformer_norm='batch')),
+        transformer_norm='batch', input_norm='imagenet')),  # trained on ImageNet's mean/std
     'coatnet_rmlp_nano_rw': ('coatnet_nano_rw', _rw_max(rel_pos='mlp', rel_pos_mlp_width=384)),
     'coatnet_rmlp_0_rw': ('coatnet_0_rw', _rw_coat(mbconv_stride='depthwise', rel_pos='mlp')),
     'coatnet_rmlp_1_rw': ('coatnet_1_rw', _rw_coat(
@@ -177,6 +179,17 @@ def _to_timm(path: tuple, value: np.ndarray) -> np.ndarray:
   else:
     return value.reshape(-1)
   return dense if _is_timm_linear(path) else dense[:, :, None, None]
+
+
+def timm_input(images_nhwc, model_name: str) -> np.ndarray:
+  """timm's NCHW input equal to ``images_nhwc`` as this project normalises them (ImageNet's mean
+  and std), for timm's ``model_name``: what to feed each side to compare logits."""
+  from coatnet_jax.models import coatnet  # pylint: disable=g-import-not-at-top
+  x = np.asarray(images_nhwc, np.float64)
+  if _lookup(model_name).options.input_norm == 'half':
+    pixels = x * np.asarray(coatnet.IMAGENET_STDDEV_RGB) + np.asarray(coatnet.IMAGENET_MEAN_RGB)
+    x = pixels / 127.5 - 1.0
+  return np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)
 
 
 def _lookup(model_name: str) -> TimmModel:

@@ -57,13 +57,17 @@ class Options:
   rel_pos_mlp_width: int = 512  # Hidden width of the 'mlp' bias.
   # 'pooled': pool, then LayerNorm (paper); 'spatial': norm the S4 map, then pool (timm's rw).
   head_norm: str = 'pooled'
+  # 'imagenet': images arrive normalised with ImageNet's mean and std (input_pipeline) and are
+  # used as they are; 'half': re-normalised to mean = std = 0.5, as timm trained its rw weights.
+  input_norm: str = 'imagenet'
 
   def __post_init__(self):
     choices = {'mbconv_stride': ('1x1', 'depthwise', 'pool'), 'pool': ('max', 'avg', 'max3'),
                'padding': ('same', 'symmetric'), 'conv_act': ('gelu', 'silu'),
                'mbconv_expand_from': ('output', 'input'), 'se_act': ('silu', 'relu'),
                'attention_width': ('output', 'input'), 'transformer_norm': ('layer', 'batch'),
-               'rel_pos': ('table', 'mlp'), 'head_norm': ('pooled', 'spatial')}
+               'rel_pos': ('table', 'mlp'), 'head_norm': ('pooled', 'spatial'),
+               'input_norm': ('imagenet', 'half')}
     for field, valid in choices.items():
       if getattr(self, field) not in valid:
         raise ValueError(f'{field}={getattr(self, field)!r} is not one of {valid}.')

@@ -10,6 +10,11 @@ from coatnet_jax.models import blocks
 from coatnet_jax.models.variants import Variant
 
 
+# ImageNet's statistics in 0..255 pixel units: those input_pipeline.normalize applies (tested).
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
 def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
   """Stochastic-depth rate per block of S1..S4, rising linearly from 0 to ``rate`` (as timm)."""
   return [float(r) for r in np.linspace(0.0, rate, num_blocks)]
@@ -39,6 +44,9 @@ class CoAtNet(nn.Module):
     norm = nn.BatchNorm(use_running_average=not train, momentum=o.bn_momentum,
                         epsilon=o.bn_epsilon, dtype=self.dtype, name='stem_norm')
     x = jnp.asarray(images, self.dtype)
+    if o.input_norm == 'half':  # pixels p = x * std + mean, then p / 127.5 - 1
+      x = x * jnp.asarray(np.asarray(IMAGENET_STDDEV_RGB) / 127.5, self.dtype) + jnp.asarray(
+          np.asarray(IMAGENET_MEAN_RGB) / 127.5 - 1.0, self.dtype)
     x = blocks.conv(v.stem_hidden or v.stem_width, 3, o, stride=2, use_bias=o.stem_bias,
                     dtype=self.dtype, name='stem_conv1')(x)
     x = blocks.activation(norm(x), o.conv_act, o)
