@@ -80,3 +80,14 @@ def test_half_input_norm_sees_the_pixels_the_pipeline_normalised():
   with nn.intercept_methods(grab):
     model.apply(variables, x)
   np.testing.assert_allclose(captured['x'], pixels / 127.5 - 1.0, atol=1e-5)
+
+
+def test_the_rel_pos_mlp_and_layer_scales_take_no_weight_decay():
+  from coatnet_jax import optim  # pylint: disable=g-import-not-at-top
+  model = models.get_model('coatnet_pico', 3, rel_pos='mlp', layer_scale=1e-6)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3))))
+  mask = optim.weight_decay_mask(params['params'], common.get_base_config().optim.no_decay)
+  decayed = {optim.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+  assert not decayed['stage3_block0/attention/rel_pos_mlp/fc1/kernel']
+  assert not decayed['stage3_block0/attn_scale'] and not decayed['stage4_block0/ffn_scale']
+  assert decayed['stage3_block0/attention/qkv/kernel']
