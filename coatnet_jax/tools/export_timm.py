@@ -24,12 +24,17 @@ from coatnet_jax import convert
 from coatnet_jax import models
 from coatnet_jax import pretrained
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A run or an import_timm --out directory.')
-_MODEL = flags.DEFINE_string('model', None, 'timm model name, e.g. coatnet_rmlp_2_rw_224.')
-_OUT = flags.DEFINE_string('out', None, 'A new .safetensors file.')
-_WEIGHTS = flags.DEFINE_enum('weights', 'ema', ['ema', 'params'],
-                             'EMA parameters when the run kept them, else the raw ones.')
-flags.mark_flags_as_required(['workdir', 'model', 'out'])
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Only when run as a command: import_timm's flags share these names."""
+  flags.DEFINE_string('workdir', None, 'A run or an import_timm --out directory.')
+  flags.DEFINE_string('model', None, 'timm model name, e.g. coatnet_rmlp_2_rw_224.')
+  flags.DEFINE_string('out', None, 'A new .safetensors file.')
+  flags.DEFINE_enum('weights', 'ema', ['ema', 'params'],
+                    'EMA parameters when the run kept them, else the raw ones.')
+  flags.mark_flags_as_required(['workdir', 'model', 'out'])
 
 
 def _switches(saved: dict) -> dict:
@@ -70,13 +75,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   try:
-    info = export_timm(_WORKDIR.value, _MODEL.value, _OUT.value, _WEIGHTS.value == 'ema')
+    info = export_timm(FLAGS.workdir, FLAGS.model, FLAGS.out, FLAGS.weights == 'ema')
   except (ValueError, KeyError, OSError, checkpointing.CheckpointError) as e:
     sys.exit(f'error: {" ".join(str(e).split())}')
-  print(f'Wrote {_OUT.value} ({info["weights"]} weights); load it with timm.create_model('
-        f'{_MODEL.value!r}, num_classes={info["num_classes"]}, img_size={info["img_size"]})'
-        f'.load_state_dict(safetensors.torch.load_file({_OUT.value!r}), strict=True)')
+  print(f'Wrote {FLAGS.out} ({info["weights"]} weights); load it with timm.create_model('
+        f'{FLAGS.model!r}, num_classes={info["num_classes"]}, img_size={info["img_size"]})'
+        f'.load_state_dict(safetensors.torch.load_file({FLAGS.out!r}), strict=True)')
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)
