@@ -57,7 +57,8 @@ _LATER_FIELDS = {
     'variant': ('stem_hidden',),
     'switches': ('conv_act', 'mbconv_pre_norm_act', 'mbconv_expand_from', 'mbconv_output_bias',
                  'se_act', 'se_early', 'attention_width', 'transformer_shortcut_bias',
-                 'transformer_norm', 'layer_scale', 'rel_pos', 'rel_pos_mlp_width', 'head_norm', 'input_norm'),
+                 'transformer_norm', 'layer_scale', 'rel_pos', 'rel_pos_mlp_width', 'head_norm',
+                 'input_norm'),
 }
 
 

@@ -30,7 +30,8 @@ class Options:
   # '1x1': stride in the first 1x1 conv (paper eq. 5); 'depthwise'; 'pool': 2x2 average pool
   # after the pre-norm (timm's, whatever ``pool`` says).
   mbconv_stride: str = '1x1'
-  # Down-sampling pool: 'max' 2x2 stride 2 (paper), 'avg' 2x2, 'max3' 3x3 stride 2 pad 1 (timm 'max').
+  # Down-sampling pool: 'max' 2x2 stride 2 (paper), 'avg' 2x2, 'max3' 3x3 stride 2 padding 1
+  # (timm's 'max').
   pool: str = 'max'
   head_pre_logits: bool = True  # pool -> LN -> Dense(width) -> tanh -> Dense(classes).
   gelu_approximate: bool = True  # The TF code uses the tanh form; timm the exact (erf) one.
@@ -206,7 +207,8 @@ class RelativeAttention(nn.Module):
   The table is sized from the feature map it sees (never from a constructor image size); logits,
   bias and softmax are float32 whatever the compute dtype. ``rel_pos='mlp'`` takes the bias from
   timm's log-coordinate MLP instead (``relpos.RelPosMlp``), which has no size of its own.
-  ``width`` is that of q, k and v (default ``features``); the out projection maps it to ``features``.
+  ``width`` is that of q, k and v (default ``features``); the out projection maps it to
+  ``features``.
   """
 
   features: int

@@ -3,7 +3,8 @@
 Instead of a trainable table per head, a two-layer MLP (2 -> hidden, ReLU, -> heads) maps each
 relative offset (dy, dx), as sign(d) * log(1 + |d|), to one bias per head (timm's ``RelPosMlp``,
 mode 'cr'). It has no size of its own, so the same weights serve 224, 384 or a non-square input
-without resizing. Its output is gathered exactly as the paper's table is (``blocks.relative_index``).
+without resizing. Its output is gathered exactly as the paper's table is
+(``blocks.relative_index``).
 """
 
 import flax.linen as nn
