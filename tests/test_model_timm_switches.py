@@ -66,28 +66,24 @@ def test_half_input_norm_sees_the_pixels_the_pipeline_normalised():
   assert coatnet.IMAGENET_STDDEV_RGB == input_pipeline.STDDEV_RGB
   pixels = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)
   x = input_pipeline.normalize(pixels)
-  # The stem's first conv sees pixels / 127.5 - 1: compare its input through a captured stem.
+  # The stem's first conv sees pixels / 127.5 - 1: capture its input and stop there (cheap).
   model = models.get_model('coatnet_pico', 3, input_norm='half')
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
   captured = {}
+
+  class Stop(Exception):
+    pass
 
   def grab(next_fun, args, kwargs, context):
     if context.module.name == 'stem_conv1' and context.method_name == '__call__':
       captured['x'] = np.asarray(args[0])
+      raise Stop
     return next_fun(*args, **kwargs)
 
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   with nn.intercept_methods(grab):
-    model.apply(variables, x)
+    try:
+      model.apply(variables, x)
+    except Stop:
+      pass
   np.testing.assert_allclose(captured['x'], pixels / 127.5 - 1.0, atol=1e-5)
-
-
-def test_the_rel_pos_mlp_and_layer_scales_take_no_weight_decay():
-  from coatnet_jax import optim  # pylint: disable=g-import-not-at-top
-  model = models.get_model('coatnet_pico', 3, rel_pos='mlp', layer_scale=1e-6)
-  params = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, 32, 32, 3))))
-  mask = optim.weight_decay_mask(params['params'], common.get_base_config().optim.no_decay)
-  decayed = {optim.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
-  assert not decayed['stage3_block0/attention/rel_pos_mlp/fc1/kernel']
-  assert not decayed['stage3_block0/attn_scale'] and not decayed['stage4_block0/ffn_scale']
-  assert decayed['stage3_block0/attention/qkv/kernel']
