@@ -54,6 +54,16 @@ class ArchitectureMismatchError(CheckpointError):
   pass
 
 
+# Fields of models.Variant / models.Options added after ARCHITECTURE_VERSION 1 (timm's rw models).
+_LATER_FIELDS = {
+    'variant': ('stem_hidden',),
+    'switches': ('conv_act', 'mbconv_pre_norm_act', 'mbconv_expand_from', 'mbconv_output_bias',
+                 'se_act', 'se_early', 'attention_width', 'transformer_shortcut_bias',
+                 'transformer_norm', 'layer_scale', 'rel_pos', 'rel_pos_mlp_width', 'head_norm',
+                 'input_norm'),
+}
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, CHECKPOINTS))
 
@@ -67,6 +77,13 @@ def architecture_id(config, num_classes: int) -> str:
           'switches': dataclasses.asdict(dataclasses.replace(models.Options(),
                                                              **dict(m.get('switches', {})))),
           'num_classes': int(num_classes), 'version': ARCHITECTURE_VERSION}
+  # Fields added later enter only when set away from their default, so earlier ids stay valid.
+  defaults = {'variant': {'stem_hidden': None},
+              'switches': dataclasses.asdict(models.Options())}
+  for part, later in _LATER_FIELDS.items():
+    for field in later:
+      if desc[part][field] == defaults[part][field]:
+        del desc[part][field]
   blob = json.dumps(desc, sort_keys=True, default=str).encode()
   return f'v{ARCHITECTURE_VERSION}-{hashlib.sha256(blob).hexdigest()[:16]}'
 

@@ -39,7 +39,8 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int = 0) -> optax.S
 
 # Parameter paths that take no weight decay by default: norms' scale/bias, every bias, and the
 # relative-position bias tables (paper's code; 'Traps' in the reference notes).
-DEFAULT_NO_DECAY = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$')
+DEFAULT_NO_DECAY = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$',
+                    r'(^|/)rel_pos_mlp/', r'(^|/)(attn|ffn)_scale$')
 
 
 def path_str(path) -> str:

@@ -113,6 +113,17 @@ def read(path: str, step: Optional[int] = None, use_ema: bool = True) -> Pretrai
   return Pretrained(variables, metadata, step, os.path.dirname(state_dir), weights)
 
 
+def timm_architecture(path: Optional[str], variant: str) -> tuple[str, dict]:
+  """(model name, switches) a config's ``:timm`` builds: those saved in ``path`` (an
+  ``import_timm --out``), so any timm model fits; without a path, ``variant`` with the switches of
+  timm's paper-config models."""
+  if not path:
+    return variant, dataclasses.asdict(models.TIMM_OPTIONS)
+  metadata, _, _ = read_metadata(path)
+  saved = (metadata.get('config') or {}).get('model') or {}
+  return metadata['model'], dict(saved.get('switches') or {})
+
+
 def _has_arrays(tree) -> bool:
   return bool(jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, 'shape')))
 

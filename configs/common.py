@@ -100,7 +100,9 @@ def get_base_config():
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   # Regexes on parameter paths that take no weight decay: norms, biases, relative-bias tables.
-  c.optim.no_decay = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$')
+  # The last two: timm's relative-position MLP and layer scales (timm decays neither).
+  c.optim.no_decay = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$',
+                      r'(^|/)rel_pos_mlp/', r'(^|/)(attn|ffn)_scale$')
 
   c.loss = ml_collections.ConfigDict()
   c.loss.kind = 'softmax'  # softmax | sigmoid

@@ -17,15 +17,14 @@ Arguments:
   res=384|512   fine-tuning resolution (any size works; the paper uses these two)
   source=in1k|in21k|jft   what init was pre-trained on: picks batch, Mixup, depth, RandAugment
   variant=coatnet_N       must be the variant of init
-  timm          init was imported from timm: use timm's architecture switches
+  timm          init was imported from timm: build the model and switches saved there (any
+                timm CoAtNet; variant then only picks the recipe row)
   data=digits   the quickstart's digits instead of ImageNet (coatnet_pico, a CPU-sized check)
 
 Should reach (paper Tables 4-5, top-1 on ImageNet-1K val): from 1K at 384: CoAtNet-0 83.9, -1 85.1,
 -2 85.7, -3 85.8; from 21K at 384: CoAtNet-2 87.1, -3 87.6, -4 87.9 (88.1 at 512). Not yet
 reproduced with this code.
 """
-
-import dataclasses
 
 from configs import common
 
@@ -57,9 +56,10 @@ def get_config(arg=None):
   c.init.path = args.init or None
   c.model.name = args.variant
   c.model.drop_path_rate = depth.get(args.variant, 0.0)
-  if args.timm:
-    from coatnet_jax import models  # pylint: disable=g-import-not-at-top
-    c.model.switches.update(dataclasses.asdict(models.TIMM_OPTIONS))
+  if args.timm:  # The architecture saved by import_timm in init, whichever timm model it was.
+    from coatnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+    c.model.name, switches = pretrained.timm_architecture(args.init, args.variant)
+    c.model.switches.update(switches)
   c.data.name = 'imagenet2012'
   c.data.image_size = args.res
   c.data.crop_fraction = None  # Whole-image resize, no centre crop.

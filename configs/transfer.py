@@ -18,7 +18,8 @@ Arguments:
                       without it the model trains from scratch
   res=N               input size; any size works (120 and 80 too: the model pads odd sizes
                       when it down-samples), images are resized to it whole, without a crop
-  timm                init was imported from timm (its architecture switches)
+  timm                init was imported from timm: build the model and switches saved there
+                      (any timm CoAtNet, e.g. coatnet_rmlp_2_rw_224; variant is then ignored)
   balanced            class-balanced loss weights n / (classes * count) for imbalanced folders
   eval=val            the split evaluated during training ('test' for the final number)
   tiles               tiles with no up (histology, textures): also up-down flips and rotations
@@ -46,8 +47,6 @@ Crop area 25-100% against the usual 8-100% on textures: 1.000 against 0.949; ``t
 One run per setting; the settings were fixed before these runs, not searched on the test images.
 """
 
-import dataclasses
-
 from configs import common
 
 
@@ -57,9 +56,10 @@ def get_config(arg=None):
   c = common.get_base_config()
   c.model.name = args.variant
   c.model.drop_path_rate = 0.1
-  if args.timm:
-    from coatnet_jax import models  # pylint: disable=g-import-not-at-top
-    c.model.switches.update(dataclasses.asdict(models.TIMM_OPTIONS))
+  if args.timm:  # The architecture saved by import_timm in init, whichever timm model it was.
+    from coatnet_jax import pretrained  # pylint: disable=g-import-not-at-top
+    c.model.name, switches = pretrained.timm_architecture(args.init, args.variant)
+    c.model.switches.update(switches)
   c.init.path = args.init or None
   c.data.name = 'folders'
   c.data.data_dir = args.data_dir or None

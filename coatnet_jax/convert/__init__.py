@@ -1,5 +1,6 @@
-"""Weight conversion from other implementations into this project's variables."""
+"""Weight conversion between other implementations (timm) and this project's variables."""
 
-from coatnet_jax.convert.timm import from_timm, TIMM_HEAD_SIZE, TIMM_IMAGE_SIZE, TIMM_MODELS
+from coatnet_jax.convert.timm import (from_timm, timm_input, timm_model, to_timm, TIMM_MODELS,
+                                      TimmModel)
 
-__all__ = ['from_timm', 'TIMM_HEAD_SIZE', 'TIMM_IMAGE_SIZE', 'TIMM_MODELS']
+__all__ = ['from_timm', 'timm_input', 'timm_model', 'to_timm', 'TIMM_MODELS', 'TimmModel']

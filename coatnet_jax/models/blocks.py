@@ -7,12 +7,14 @@ so that one code path serves both and the timm parity test exercises the real mo
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from coatnet_jax.models import relpos
 
 Dtype = Any
 
@@ -25,8 +27,12 @@ default_init = nn.initializers.normal(stddev=0.02)
 class Options:
   """Architecture switches. Defaults are the paper's form (and its TF code's); see TIMM_OPTIONS."""
 
-  mbconv_stride: str = '1x1'  # '1x1': stride in the first 1x1 conv (paper eq. 5); 'depthwise'.
-  pool: str = 'max'  # 2x2 stride-2 pooling for down-sampling: 'max' (paper) or 'avg'.
+  # '1x1': stride in the first 1x1 conv (paper eq. 5); 'depthwise'; 'pool': 2x2 average pool
+  # after the pre-norm (timm's, whatever ``pool`` says).
+  mbconv_stride: str = '1x1'
+  # Down-sampling pool: 'max' 2x2 stride 2 (paper), 'avg' 2x2, 'max3' 3x3 stride 2 padding 1
+  # (timm's 'max').
+  pool: str = 'max'
   head_pre_logits: bool = True  # pool -> LN -> Dense(width) -> tanh -> Dense(classes).
   gelu_approximate: bool = True  # The TF code uses the tanh form; timm the exact (erf) one.
   bn_epsilon: float = 1e-3
@@ -34,10 +40,35 @@ class Options:
   ln_epsilon: float = 1e-5
   padding: str = 'same'  # 'same': TF/XLA SAME, (0, 1) on stride 2; 'symmetric': (1, 1) like PyTorch.
   stem_bias: bool = True
+  # The switches below express timm's own ('rw') models; see convert/timm.py for which set which.
+  conv_act: str = 'gelu'  # Activation of the stem and MBConv blocks: 'gelu' or 'silu'.
+  mbconv_pre_norm_act: bool = False  # The activation after the MBConv pre-norm too.
+  # 'output': expand to 4x the output width, SE reduces to out/4; 'input': 4x the input, SE mid/4.
+  mbconv_expand_from: str = 'output'
+  mbconv_output_bias: bool = True  # Bias of the last 1x1 conv and of the shortcut projection.
+  se_act: str = 'silu'  # SE bottleneck activation: 'silu' or 'relu'.
+  se_early: bool = False  # SE between the depthwise conv and its norm, not after the activation.
+  # q, k, v as wide as the block's 'output' (paper) or its 'input' (the out projection widens).
+  attention_width: str = 'output'
+  transformer_shortcut_bias: bool = True
+  # Norm of transformer blocks (and of a 'spatial' head): 'layer' or 'batch'; eps ln_epsilon.
+  transformer_norm: str = 'layer'
+  layer_scale: float = 0.0  # > 0: per-channel scales on both transformer branches, from this.
+  rel_pos: str = 'table'  # Relative bias: a trainable 'table' per head (paper) or timm's 'mlp'.
+  rel_pos_mlp_width: int = 512  # Hidden width of the 'mlp' bias.
+  # 'pooled': pool, then LayerNorm (paper); 'spatial': norm the S4 map, then pool (timm's rw).
+  head_norm: str = 'pooled'
+  # 'imagenet': images arrive normalised with ImageNet's mean and std (input_pipeline) and are
+  # used as they are; 'half': re-normalised to mean = std = 0.5, as timm trained its rw weights.
+  input_norm: str = 'imagenet'
 
   def __post_init__(self):
-    choices = {'mbconv_stride': ('1x1', 'depthwise'), 'pool': ('max', 'avg'),
-               'padding': ('same', 'symmetric')}
+    choices = {'mbconv_stride': ('1x1', 'depthwise', 'pool'), 'pool': ('max', 'avg', 'max3'),
+               'padding': ('same', 'symmetric'), 'conv_act': ('gelu', 'silu'),
+               'mbconv_expand_from': ('output', 'input'), 'se_act': ('silu', 'relu'),
+               'attention_width': ('output', 'input'), 'transformer_norm': ('layer', 'batch'),
+               'rel_pos': ('table', 'mlp'), 'head_norm': ('pooled', 'spatial'),
+               'input_norm': ('imagenet', 'half')}
     for field, valid in choices.items():
       if getattr(self, field) not in valid:
         raise ValueError(f'{field}={getattr(self, field)!r} is not one of {valid}.')
@@ -62,7 +93,12 @@ def conv(features, kernel, options, stride=1, groups=1, use_bias=False, dtype=No
 
 
 def pool2x2(x, kind):
-  """The paper's down-sampling pool: window 2, stride 2 (ceil for odd sizes, as TF 'SAME')."""
+  """The paper's down-sampling pool: window 2, stride 2 (ceil for odd sizes, as TF 'SAME').
+
+  ``'max3'`` is timm's other one: window 3, stride 2, padding 1.
+  """
+  if kind == 'max3':
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   if kind == 'max':
     return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
   return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
@@ -70,6 +106,13 @@ def pool2x2(x, kind):
 
 def gelu(x, options):
   return nn.gelu(x, approximate=options.gelu_approximate)
+
+
+def activation(x, kind, options):
+  """'gelu' (in the form ``options`` names), 'silu' or 'relu'."""
+  if kind == 'gelu':
+    return gelu(x, options)
+  return nn.silu(x) if kind == 'silu' else nn.relu(x)
 
 
 class DropPath(nn.Module):
@@ -91,12 +134,13 @@ class SqueezeExcite(nn.Module):
 
   reduced: int
   dtype: Dtype
+  act: str = 'silu'
 
   @nn.compact
   def __call__(self, x):
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
     s = nn.Dense(self.reduced, dtype=self.dtype, kernel_init=default_init, name='reduce')(s)
-    s = nn.silu(s)
+    s = nn.silu(s) if self.act == 'silu' else nn.relu(s)
     s = nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=default_init, name='expand')(s)
     return x * nn.sigmoid(s)
 
@@ -115,21 +159,35 @@ class MBConvBlock(nn.Module):
     o = self.options
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=o.bn_momentum,
                              epsilon=o.bn_epsilon, dtype=self.dtype)
+    act = functools.partial(activation, kind=o.conv_act, options=o)
     shortcut = pool2x2(x, o.pool) if self.stride > 1 else x
     if shortcut.shape[-1] != self.features:
-      shortcut = conv(self.features, 1, o, use_bias=True, dtype=self.dtype,
+      shortcut = conv(self.features, 1, o, use_bias=o.mbconv_output_bias, dtype=self.dtype,
                       name='shortcut_proj')(shortcut)
 
-    mid = self.features * 4
+    if o.mbconv_expand_from == 'output':
+      mid, reduced = self.features * 4, int(self.features * 0.25)
+    else:
+      mid = x.shape[-1] * 4
+      reduced = int(mid * 0.25)
     stride_1x1 = self.stride if o.mbconv_stride == '1x1' else 1
     stride_dw = self.stride if o.mbconv_stride == 'depthwise' else 1
+    se = SqueezeExcite(reduced, self.dtype, o.se_act, name='se')
     y = norm(name='pre_norm')(x)
+    if o.mbconv_pre_norm_act:
+      y = act(y)
+    if o.mbconv_stride == 'pool' and self.stride > 1:
+      y = pool2x2(y, 'avg')
     y = conv(mid, 1, o, stride=stride_1x1, dtype=self.dtype, name='expand_conv')(y)
-    y = gelu(norm(name='expand_norm')(y), o)
+    y = act(norm(name='expand_norm')(y))
     y = conv(mid, 3, o, stride=stride_dw, groups=mid, dtype=self.dtype, name='depthwise_conv')(y)
-    y = gelu(norm(name='depthwise_norm')(y), o)
-    y = SqueezeExcite(int(self.features * 0.25), self.dtype, name='se')(y)
-    y = conv(self.features, 1, o, use_bias=True, dtype=self.dtype, name='project_conv')(y)
+    if o.se_early:
+      y = se(y)
+    y = act(norm(name='depthwise_norm')(y))
+    if not o.se_early:
+      y = se(y)
+    y = conv(self.features, 1, o, use_bias=o.mbconv_output_bias, dtype=self.dtype,
+             name='project_conv')(y)
     return shortcut + DropPath(self.drop_path)(y, train)
 
 
@@ -147,17 +205,44 @@ class RelativeAttention(nn.Module):
   """Multi-head self-attention with a trainable (2H-1)x(2W-1) pre-softmax bias table per head.
 
   The table is sized from the feature map it sees (never from a constructor image size); logits,
-  bias and softmax are float32 whatever the compute dtype.
+  bias and softmax are float32 whatever the compute dtype. ``rel_pos='mlp'`` takes the bias from
+  timm's log-coordinate MLP instead (``relpos.RelPosMlp``), which has no size of its own.
+  ``width`` is that of q, k and v (default ``features``); the out projection maps it to
+  ``features``.
   """
 
   features: int
   head_size: int
   dtype: Dtype
+  width: Optional[int] = None
+  rel_pos: str = 'table'
+  rel_pos_mlp_width: int = 512
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     batch, height, width, _ = x.shape
-    heads = self.features // self.head_size
+    heads = (self.width or self.features) // self.head_size
+    if self.rel_pos == 'mlp':
+      bias = relpos.RelPosMlp(heads, self.rel_pos_mlp_width, name='rel_pos_mlp')(
+          height, width, deterministic=not train)
+    else:
+      bias = self._table_bias(heads, height, width)
+
+    tokens = x.reshape(batch, height * width, x.shape[-1])
+    qkv = nn.DenseGeneral((3, heads, self.head_size), dtype=self.dtype, kernel_init=default_init,
+                          name='qkv')(tokens)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = q * jnp.asarray(self.head_size ** -0.5, q.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+    logits = logits + bias[None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    out = nn.DenseGeneral(self.features, axis=(-2, -1), dtype=self.dtype,
+                          kernel_init=default_init, name='out')(out)
+    return out.reshape(batch, height, width, self.features)
+
+  def _table_bias(self, heads, height, width):
+    """The paper's source: (heads, N, N) gathered from a trainable (heads, 2H-1, 2W-1) table."""
     table_shape = (heads, 2 * height - 1, 2 * width - 1)
     if self.has_variable('params', 'relative_bias'):
       have = self.get_variable('params', 'relative_bias').shape
@@ -168,20 +253,8 @@ class RelativeAttention(nn.Module):
             f'{height}x{width}; resize the variables first with '
             'coatnet_jax.models.resize_variables(model, variables, image_size).')
     table = self.param('relative_bias', default_init, table_shape, jnp.float32)
-
-    tokens = x.reshape(batch, height * width, x.shape[-1])
-    qkv = nn.DenseGeneral((3, heads, self.head_size), dtype=self.dtype, kernel_init=default_init,
-                          name='qkv')(tokens)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * jnp.asarray(self.head_size ** -0.5, q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
     rows, cols = relative_index(height, width)
-    logits = logits + table[:, rows, cols][None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    out = nn.DenseGeneral(self.features, axis=(-2, -1), dtype=self.dtype,
-                          kernel_init=default_init, name='out')(out)
-    return out.reshape(batch, height, width, self.features)
+    return table[:, rows, cols]
 
 
 class TransformerBlock(nn.Module):
@@ -201,18 +274,37 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     o = self.options
-    norm = functools.partial(nn.LayerNorm, epsilon=o.ln_epsilon, dtype=self.dtype)
+    norm = functools.partial(transformer_norm, o, train, dtype=self.dtype)
     dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=default_init)
     shortcut = pool2x2(x, o.pool) if self.stride > 1 else x
     if shortcut.shape[-1] != self.features:
-      shortcut = dense(self.features, name='shortcut_proj')(shortcut)
+      shortcut = dense(self.features, use_bias=o.transformer_shortcut_bias,
+                       name='shortcut_proj')(shortcut)
     y = norm(name='attn_norm')(x)
     if self.stride > 1:
       y = pool2x2(y, o.pool)
-    y = RelativeAttention(self.features, self.head_size, self.dtype, name='attention')(y)
-    x = shortcut + DropPath(self.drop_path)(y, train)
+    width = self.features if o.attention_width == 'output' else x.shape[-1]
+    y = RelativeAttention(self.features, self.head_size, self.dtype, width, o.rel_pos,
+                          o.rel_pos_mlp_width, name='attention')(y, train)
+    x = shortcut + DropPath(self.drop_path)(self._layer_scale('attn_scale', y), train)
 
     y = norm(name='ffn_norm')(x)
     y = gelu(dense(self.features * 4, name='ffn_in')(y), o)
     y = dense(self.features, name='ffn_out')(y)
-    return x + DropPath(self.drop_path)(y, train)
+    return x + DropPath(self.drop_path)(self._layer_scale('ffn_scale', y), train)
+
+  def _layer_scale(self, name, y):
+    """timm's LayerScale (``layer_scale`` > 0): a trainable per-channel factor on a branch."""
+    if not self.options.layer_scale:
+      return y
+    scale = self.param(name, nn.initializers.constant(self.options.layer_scale),
+                       (self.features,), jnp.float32)
+    return y * scale.astype(y.dtype)
+
+
+def transformer_norm(options, train, dtype, name):
+  """The norm of transformer blocks: LayerNorm (paper) or BatchNorm, both with ``ln_epsilon``."""
+  if options.transformer_norm == 'batch':
+    return nn.BatchNorm(use_running_average=not train, momentum=options.bn_momentum,
+                        epsilon=options.ln_epsilon, dtype=dtype, name=name)
+  return nn.LayerNorm(epsilon=options.ln_epsilon, dtype=dtype, name=name)

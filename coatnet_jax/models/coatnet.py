@@ -10,6 +10,11 @@ from coatnet_jax.models import blocks
 from coatnet_jax.models.variants import Variant
 
 
+# ImageNet's statistics in 0..255 pixel units: those input_pipeline.normalize applies (tested).
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
 def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
   """Stochastic-depth rate per block of S1..S4, rising linearly from 0 to ``rate`` (as timm)."""
   return [float(r) for r in np.linspace(0.0, rate, num_blocks)]
@@ -39,9 +44,12 @@ class CoAtNet(nn.Module):
     norm = nn.BatchNorm(use_running_average=not train, momentum=o.bn_momentum,
                         epsilon=o.bn_epsilon, dtype=self.dtype, name='stem_norm')
     x = jnp.asarray(images, self.dtype)
-    x = blocks.conv(v.stem_width, 3, o, stride=2, use_bias=o.stem_bias, dtype=self.dtype,
-                    name='stem_conv1')(x)
-    x = blocks.gelu(norm(x), o)
+    if o.input_norm == 'half':  # pixels p = x * std + mean, then p / 127.5 - 1
+      x = x * jnp.asarray(np.asarray(IMAGENET_STDDEV_RGB) / 127.5, self.dtype) + jnp.asarray(
+          np.asarray(IMAGENET_MEAN_RGB) / 127.5 - 1.0, self.dtype)
+    x = blocks.conv(v.stem_hidden or v.stem_width, 3, o, stride=2, use_bias=o.stem_bias,
+                    dtype=self.dtype, name='stem_conv1')(x)
+    x = blocks.activation(norm(x), o.conv_act, o)
     x = blocks.conv(v.stem_width, 3, o, use_bias=o.stem_bias, dtype=self.dtype,
                     name='stem_conv2')(x)
     self.sow('intermediates', 'stage0', x)
@@ -61,8 +69,11 @@ class CoAtNet(nn.Module):
       self.sow('intermediates', f'stage{s}', x)
 
     # Head in float32: it is cheap and the logits feed the loss.
-    x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    x = nn.LayerNorm(epsilon=o.ln_epsilon, name='head_norm')(x)
+    x = x.astype(jnp.float32)
+    if o.head_norm == 'spatial':  # timm's rw heads: the transformer norm on the map, then pool.
+      x = jnp.mean(blocks.transformer_norm(o, train, jnp.float32, name='head_norm')(x), axis=(1, 2))
+    else:
+      x = nn.LayerNorm(epsilon=o.ln_epsilon, name='head_norm')(jnp.mean(x, axis=(1, 2)))
     if o.head_pre_logits:
       x = nn.Dense(v.head_hidden or v.final_width, kernel_init=blocks.default_init,
                    name='pre_logits')(x)

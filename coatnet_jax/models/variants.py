@@ -20,6 +20,7 @@ class Variant:
   stages: tuple[tuple[Segment, ...], ...]  # S1..S4, each halving the resolution in its first block.
   head_size: int  # Channels per attention head; heads = width // head_size.
   head_hidden: Optional[int] = None  # Width of the pre-logits layer; None means the S4 width.
+  stem_hidden: Optional[int] = None  # Width of the first stem conv; None means ``stem_width``.
 
   @property
   def num_blocks(self) -> int:
@@ -30,13 +31,14 @@ class Variant:
     return self.stages[-1][-1][1]
 
 
-def _cctt(stem, depths, widths, head_size):
+def _cctt(stem, depths, widths, head_size, stem_hidden=None):
   """The plain C-C-T-T layout: one segment per stage."""
   types = ('C', 'C', 'T', 'T')
   return Variant(
       stem_width=stem,
       stages=tuple(((t, w, d),) for t, w, d in zip(types, widths, depths)),
       head_size=head_size,
+      stem_hidden=stem_hidden,
   )
 
 
@@ -59,6 +61,14 @@ VARIANTS: dict[str, Variant] = {
         stages=((('C', 256, 2),), (('C', 512, 4),),
                 (('C', 1024, 8), ('T', 2048, 42)), (('T', 3072, 2),)),
         head_size=128),
+    # timm's own layouts ('rw': Ross Wightman's, convert/timm.py has their switches); the stem's
+    # first conv is half as wide, 32 channels per head throughout.
+    'coatnet_pico_rw': _cctt(64, (2, 3, 5, 2), (64, 128, 256, 512), 32, stem_hidden=32),
+    'coatnet_nano_rw': _cctt(64, (3, 4, 6, 3), (64, 128, 256, 512), 32, stem_hidden=32),
+    'coatnet_0_rw': _cctt(64, (2, 3, 7, 2), (96, 192, 384, 768), 32, stem_hidden=32),
+    'coatnet_1_rw': _cctt(64, (2, 6, 14, 2), (96, 192, 384, 768), 32, stem_hidden=32),
+    'coatnet_2_rw': _cctt(128, (2, 6, 14, 2), (128, 256, 512, 1024), 32, stem_hidden=64),
+    'coatnet_3_rw': _cctt(192, (2, 6, 14, 2), (192, 384, 768, 1536), 32, stem_hidden=96),
 }
 
 # The paper's figures (Tables 3 and 11-12): parameters, and multiply-adds ("FLOPs" in the paper) in
