@@ -33,15 +33,20 @@ from coatnet_jax import checkpointing
 from coatnet_jax import convert
 from coatnet_jax import models
 
-_MODEL = flags.DEFINE_string('model', None, 'timm model name, e.g. coatnet_rmlp_2_rw_224.')
-_WEIGHTS = flags.DEFINE_string('weights', None, 'A .safetensors (or .pth/.bin) state dict.')
-_OUT = flags.DEFINE_string('out', None, 'A new directory for the checkpoint.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
-                           'Compute dtype saved with the weights (what evaluate, export and a '
-                           'fine-tune use unless told otherwise); parameters stay float32.')
-_IMAGE_SIZE = flags.DEFINE_integer('image_size', None,
-                                   'img_size the timm model was made with (default: its name\'s).')
-flags.mark_flags_as_required(['model', 'weights', 'out'])
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  """Only when run as a command: other tools' flags share these names in one test process."""
+  flags.DEFINE_string('model', None, 'timm model name, e.g. coatnet_rmlp_2_rw_224.')
+  flags.DEFINE_string('weights', None, 'A .safetensors (or .pth/.bin) state dict.')
+  flags.DEFINE_string('out', None, 'A new directory for the checkpoint.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                    'Compute dtype saved with the weights (what evaluate, export and a '
+                    'fine-tune use unless told otherwise); parameters stay float32.')
+  flags.DEFINE_integer('image_size', None,
+                       'img_size the timm model was made with (default: its name\'s).')
+  flags.mark_flags_as_required(['model', 'weights', 'out'])
 
 
 def load_state_dict(path: str) -> dict:
@@ -118,14 +123,15 @@ def main(argv):
     cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO.
   try:
-    meta = import_timm(_MODEL.value, _WEIGHTS.value, _OUT.value, _IMAGE_SIZE.value, _DTYPE.value)
+    meta = import_timm(FLAGS.model, FLAGS.weights, FLAGS.out, FLAGS.image_size, FLAGS.dtype)
   except (ValueError, KeyError, OSError, checkpointing.CheckpointError) as e:
     cli.fail(str(e))
-  print(f'Wrote {meta["model"]} with the switches of timm\'s {_MODEL.value} '
-        f'({meta["num_classes"]} classes) to {_OUT.value}; fine-tune with '
-        f'configs/transfer.py:data_dir=DATA,init={_OUT.value},timm or '
-        f'configs/finetune.py:init={_OUT.value},timm,variant=coatnet_N')
+  print(f'Wrote {meta["model"]} with the switches of timm\'s {FLAGS.model} '
+        f'({meta["num_classes"]} classes) to {FLAGS.out}; fine-tune with '
+        f'configs/transfer.py:data_dir=DATA,init={FLAGS.out},timm or '
+        f'configs/finetune.py:init={FLAGS.out},timm,variant=coatnet_N')
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)
