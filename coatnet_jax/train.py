@@ -60,7 +60,7 @@ def build_model(config, num_classes: int):
   m = config.model
   return models.get_model(m.name, num_classes, dtype=dtype_of(m.get('dtype', 'float32')),
                           drop_path_rate=m.get('drop_path_rate', 0.0),
-                          **dict(m.get('switches', {})))
+                          remat=m.get('remat', 'none'), **dict(m.get('switches', {})))
 
 
 def total_steps(config, train_size: int) -> int:
@@ -147,20 +147,24 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_w
       loss = loss / accum
 
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema_params = state.ema_params
-    if ema_params is not None:
-      decay = optim.ema_decay(state.step, config.ema.decay, config.ema.get('warmup', True))
-      ema_params = optim.ema_update(ema_params, params, decay)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=ema_params)
-    # The update too: a finite loss with a NaN learning rate would still poison the parameters.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-                       'finite': finite}
+    lr = schedule(state.step)
+    # Finiteness from three scalars, never a scan of the state: with a finite loss, gradient
+    # norm and learning rate, AdamW's update is finite. A non-finite step skips the update
+    # (lax.cond: nothing of it is computed) and leaves the state untouched.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
+
+    def update(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema_params = state.ema_params
+      if ema_params is not None:
+        decay = optim.ema_decay(state.step, config.ema.decay, config.ema.get('warmup', True))
+        ema_params = optim.ema_update(ema_params, params, decay)
+      return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                           opt_state=opt_state, ema_params=ema_params)
+
+    new_state = jax.lax.cond(finite, update, lambda state: state, state)
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr, 'finite': finite}
 
   return train_step
 

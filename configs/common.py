@@ -29,6 +29,9 @@ def get_base_config():
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
   c.model.drop_path_rate = 0.0
   c.model.switches = ml_collections.ConfigDict()  # models.Options fields, e.g. pool='avg'.
+  # Rematerialisation per block in the backward pass: 'none', 'block' (recompute each block from
+  # its input) or 'dots' (keep matmul outputs only); less memory for more compute (README).
+  c.model.remat = 'none'
 
   c.data = ml_collections.ConfigDict()
   # 'digits' (sklearn's, in memory, no TF), 'tfrecords' (JFT-style multi-label TFRecords by glob),

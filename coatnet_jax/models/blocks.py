@@ -62,10 +62,25 @@ def conv(features, kernel, options, stride=1, groups=1, use_bias=False, dtype=No
 
 
 def pool2x2(x, kind):
-  """The paper's down-sampling pool: window 2, stride 2 (ceil for odd sizes, as TF 'SAME')."""
+  """The paper's down-sampling pool: window 2, stride 2 (ceil for odd sizes, as TF 'SAME').
+
+  Written as a reshape and a reduction over the window axes, so that the max-pool gradient is
+  elementwise (a compare and a select) instead of ``reduce_window``'s select-and-scatter. An odd
+  height or width is padded at the end (with -inf for max; excluded from the mean), which is what
+  'SAME' pooling gives, so the values are today's for any size. Max gradients on exact ties within
+  a window are split evenly among them (``reduce_window`` gives them to one); ties have measure
+  zero in float training.
+  """
+  batch, height, width, channels = x.shape
+  pad_h, pad_w = height % 2, width % 2
   if kind == 'max':
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
+    if pad_h or pad_w:
+      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=-jnp.inf)
+    return x.reshape(batch, (height + pad_h) // 2, 2, (width + pad_w) // 2, 2, channels).max(
+        axis=(2, 4))
+  if pad_h or pad_w:  # A border window averages only its real entries (count_include_pad=False).
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
 
 
 def gelu(x, options):
@@ -102,19 +117,26 @@ class SqueezeExcite(nn.Module):
 
 
 class MBConvBlock(nn.Module):
-  """Pre-norm MBConv: BN -> 1x1 expand (x4 of out) -> BN GELU -> dw 3x3 -> BN GELU -> SE -> 1x1."""
+  """Pre-norm MBConv: BN -> 1x1 expand (x4 of out) -> BN GELU -> dw 3x3 -> BN GELU -> SE -> 1x1.
+
+  ``folded``: the inference form whose three BatchNorms live in the two convolutions' kernels and
+  biases (``fold.fold_batchnorm`` makes its variables).
+  """
 
   features: int
   stride: int
   drop_path: float
   options: Options
   dtype: Dtype
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     o = self.options
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=o.bn_momentum,
                              epsilon=o.bn_epsilon, dtype=self.dtype)
+    if self.folded:
+      norm = lambda name: lambda y: y  # pylint: disable=unnecessary-lambda-assignment
     shortcut = pool2x2(x, o.pool) if self.stride > 1 else x
     if shortcut.shape[-1] != self.features:
       shortcut = conv(self.features, 1, o, use_bias=True, dtype=self.dtype,
@@ -124,9 +146,11 @@ class MBConvBlock(nn.Module):
     stride_1x1 = self.stride if o.mbconv_stride == '1x1' else 1
     stride_dw = self.stride if o.mbconv_stride == 'depthwise' else 1
     y = norm(name='pre_norm')(x)
-    y = conv(mid, 1, o, stride=stride_1x1, dtype=self.dtype, name='expand_conv')(y)
+    y = conv(mid, 1, o, stride=stride_1x1, use_bias=self.folded, dtype=self.dtype,
+             name='expand_conv')(y)
     y = gelu(norm(name='expand_norm')(y), o)
-    y = conv(mid, 3, o, stride=stride_dw, groups=mid, dtype=self.dtype, name='depthwise_conv')(y)
+    y = conv(mid, 3, o, stride=stride_dw, groups=mid, use_bias=self.folded, dtype=self.dtype,
+             name='depthwise_conv')(y)
     y = gelu(norm(name='depthwise_norm')(y), o)
     y = SqueezeExcite(int(self.features * 0.25), self.dtype, name='se')(y)
     y = conv(self.features, 1, o, use_bias=True, dtype=self.dtype, name='project_conv')(y)
@@ -143,19 +167,87 @@ def relative_index(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   return i[:, None] - i[None, :] + height - 1, j[:, None] - j[None, :] + width - 1
 
 
+def relative_bias(table, height: int, width: int):
+  """The (heads, N, N) float32 pre-softmax bias of an H x W map from its (heads, 2H-1, 2W-1) table.
+
+  One gather per call through a precomputed flat index (a constant of the shape), so the
+  backward pass is one scatter-add into the small table.
+  """
+  rows, cols = relative_index(height, width)
+  flat = jnp.asarray(rows * (2 * width - 1) + cols, jnp.int32)
+  n = height * width
+  return jnp.take(table.reshape(table.shape[0], -1), flat.reshape(-1), axis=1).reshape(-1, n, n)
+
+
+def attention_implementation(num_tokens: int, head_size: int, dtype, train: bool) -> str:
+  """'cudnn' (fused flash attention) where its shape rules allow, else 'xla'.
+
+  cuDNN's kernel needs a GPU, 16-bit inputs and a head size that is a multiple of 8 up to 128;
+  with a bias it refuses the backward pass for an odd token count (S4 at 224 px has 7x7 = 49
+  tokens): those calls FALL BACK to XLA's attention (the same math, N x N logits materialised)
+  rather than padding, because padding the keys needs a mask and the padded queries' rows would
+  cost as much as the fallback at these sizes. The choice is made per call, at trace time.
+  """
+  if jax.default_backend() != 'gpu' or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return 'xla'
+  if head_size % 8 or head_size > 128 or (train and num_tokens % 2):
+    return 'xla'
+  return 'cudnn'
+
+
+def attend(q, k, v, bias, implementation: str = 'xla'):
+  """softmax(q k^T / sqrt(d) + bias) v for (batch, tokens, heads, head_size) q, k, v.
+
+  ``bias`` is float32 (heads, N, N); logits and softmax are float32 (XLA path); cuDNN takes the
+  bias in the inputs' dtype. ``jax.nn.dot_product_attention`` scales the float32 logits itself,
+  so no separate pass over q is needed.
+  """
+  bias = bias[None]
+  if implementation == 'cudnn':
+    bias = bias.astype(q.dtype)
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+
+
+class QKVProjection(nn.Module):
+  """q, k and v of every head as one (3, batch, tokens, heads, head_size) array.
+
+  The parameters are those of ``nn.DenseGeneral((3, heads, head_size))`` (kernel
+  (C, 3, heads, head_size), bias (3, heads, head_size), same initialisation), but the output puts
+  the q/k/v axis first, so each of q, k, v is a contiguous (B, N, heads, d) slice in the layout
+  ``jax.nn.dot_product_attention`` takes: no transposes.
+  """
+
+  heads: int
+  head_size: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, tokens):
+    channels = tokens.shape[-1]
+    shape = (channels, 3, self.heads, self.head_size)
+    kernel = self.param('kernel', lambda key, shape, dtype: default_init(
+        key, (channels, int(np.prod(shape[1:]))), dtype).reshape(shape), shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), shape[1:], jnp.float32)
+    out = jnp.einsum('bnc,cthd->tbnhd', tokens.astype(self.dtype), kernel.astype(self.dtype))
+    return out + bias.astype(self.dtype)[:, None, None]
+
+
 class RelativeAttention(nn.Module):
   """Multi-head self-attention with a trainable (2H-1)x(2W-1) pre-softmax bias table per head.
 
   The table is sized from the feature map it sees (never from a constructor image size); logits,
-  bias and softmax are float32 whatever the compute dtype.
+  bias and softmax are float32 whatever the compute dtype (on the cuDNN path the bias is added in
+  the compute dtype inside the fused kernel). ``implementation`` forces 'xla' or 'cudnn';
+  'auto' asks ``attention_implementation``.
   """
 
   features: int
   head_size: int
   dtype: Dtype
+  implementation: str = 'auto'
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     batch, height, width, _ = x.shape
     heads = self.features // self.head_size
     table_shape = (heads, 2 * height - 1, 2 * width - 1)
@@ -170,15 +262,11 @@ class RelativeAttention(nn.Module):
     table = self.param('relative_bias', default_init, table_shape, jnp.float32)
 
     tokens = x.reshape(batch, height * width, x.shape[-1])
-    qkv = nn.DenseGeneral((3, heads, self.head_size), dtype=self.dtype, kernel_init=default_init,
-                          name='qkv')(tokens)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * jnp.asarray(self.head_size ** -0.5, q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    rows, cols = relative_index(height, width)
-    logits = logits + table[:, rows, cols][None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    q, k, v = QKVProjection(heads, self.head_size, self.dtype, name='qkv')(tokens)
+    implementation = self.implementation
+    if implementation == 'auto':
+      implementation = attention_implementation(height * width, self.head_size, self.dtype, train)
+    out = attend(q, k, v, relative_bias(table, height, width), implementation)
     out = nn.DenseGeneral(self.features, axis=(-2, -1), dtype=self.dtype,
                           kernel_init=default_init, name='out')(out)
     return out.reshape(batch, height, width, self.features)
@@ -209,7 +297,7 @@ class TransformerBlock(nn.Module):
     y = norm(name='attn_norm')(x)
     if self.stride > 1:
       y = pool2x2(y, o.pool)
-    y = RelativeAttention(self.features, self.head_size, self.dtype, name='attention')(y)
+    y = RelativeAttention(self.features, self.head_size, self.dtype, name='attention')(y, train)
     x = shortcut + DropPath(self.drop_path)(y, train)
 
     y = norm(name='ffn_norm')(x)
