@@ -79,7 +79,9 @@ def pool2x2(x, kind):
     return x.reshape(batch, (height + pad_h) // 2, 2, (width + pad_w) // 2, 2, channels).max(
         axis=(2, 4))
   if pad_h or pad_w:  # A border window averages only its real entries (count_include_pad=False).
-    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
+    # Flax divides by float32 counts: cast back, or a bf16 model turns float32 from here on.
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME',
+                       count_include_pad=False).astype(x.dtype)
   return x.reshape(batch, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
 
 
@@ -179,16 +181,18 @@ def relative_bias(table, height: int, width: int):
   return jnp.take(table.reshape(table.shape[0], -1), flat.reshape(-1), axis=1).reshape(-1, n, n)
 
 
-def attention_implementation(num_tokens: int, head_size: int, dtype, train: bool) -> str:
+def attention_implementation(num_tokens: int, head_size: int, dtype, train: bool,
+                             backend=None) -> str:
   """'cudnn' (fused flash attention) where its shape rules allow, else 'xla'.
 
   cuDNN's kernel needs a GPU, 16-bit inputs and a head size that is a multiple of 8 up to 128;
   with a bias it refuses the backward pass for an odd token count (S4 at 224 px has 7x7 = 49
   tokens): those calls FALL BACK to XLA's attention (the same math, N x N logits materialised)
   rather than padding, because padding the keys needs a mask and the padded queries' rows would
-  cost as much as the fallback at these sizes. The choice is made per call, at trace time.
+  cost as much as the fallback at these sizes. The choice is made per call, at trace time;
+  ``backend`` defaults to ``jax.default_backend()``.
   """
-  if jax.default_backend() != 'gpu' or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+  if (backend or jax.default_backend()) != 'gpu' or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return 'xla'
   if head_size % 8 or head_size > 128 or (train and num_tokens % 2):
     return 'xla'
