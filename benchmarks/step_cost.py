@@ -17,7 +17,6 @@ than flops (``shared/reference/performance.md``). Compile time is noisy on a sha
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import re
@@ -35,9 +34,7 @@ from coatnet_jax import train
 
 
 def make_config(variant, batch, res, dtype, form, remat):
-  config = train_throughput.make_config(variant, batch, res, dtype)
-  if form == 'timm':
-    config.model.switches.update(dataclasses.asdict(models.TIMM_OPTIONS))
+  config = train_throughput.make_config(variant, batch, res, dtype, form)
   if 'remat' in config.model:  # Code before the field measures remat='none' only.
     config.model.remat = remat
   elif remat != 'none':

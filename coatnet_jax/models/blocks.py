@@ -192,7 +192,9 @@ def attention_implementation(num_tokens: int, head_size: int, dtype, train: bool
   cost as much as the fallback at these sizes. The choice is made per call, at trace time;
   ``backend`` defaults to ``jax.default_backend()``.
   """
-  if (backend or jax.default_backend()) != 'gpu' or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+  if (backend or jax.default_backend()) != 'gpu':
+    return 'xla'
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
     return 'xla'
   if head_size % 8 or head_size > 128 or (train and num_tokens % 2):
     return 'xla'
@@ -204,12 +206,16 @@ def attend(q, k, v, bias, implementation: str = 'xla'):
 
   ``bias`` is float32 (heads, N, N); logits and softmax are float32 (XLA path); cuDNN takes the
   bias in the inputs' dtype. ``jax.nn.dot_product_attention`` scales the float32 logits itself,
-  so no separate pass over q is needed.
+  so no separate pass over q is needed. A shape or version that cuDNN refuses when the call is
+  traced (jax checks its rules in Python) falls back to XLA.
   """
-  bias = bias[None]
   if implementation == 'cudnn':
-    bias = bias.astype(q.dtype)
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=implementation)
+    try:
+      return jax.nn.dot_product_attention(q, k, v, bias=bias[None].astype(q.dtype),
+                                          implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v, bias=bias[None], implementation='xla')
 
 
 class QKVProjection(nn.Module):
@@ -269,7 +275,8 @@ class RelativeAttention(nn.Module):
     q, k, v = QKVProjection(heads, self.head_size, self.dtype, name='qkv')(tokens)
     implementation = self.implementation
     if implementation == 'auto':
-      implementation = attention_implementation(height * width, self.head_size, self.dtype, train)
+      implementation = attention_implementation(height * width, self.head_size, self.dtype,
+                                                train)
     out = attend(q, k, v, relative_bias(table, height, width), implementation)
     out = nn.DenseGeneral(self.features, axis=(-2, -1), dtype=self.dtype,
                           kernel_init=default_init, name='out')(out)
