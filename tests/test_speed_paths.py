@@ -45,17 +45,37 @@ def _grads(fn, q, k, v, bias):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, bias)
 
 
+def ours(implementation):
+  """blocks.attend takes q pre-scaled (QKVProjection folds the scale into its kernel)."""
+  return lambda q, k, v, bias: blocks.attend(
+      q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k, v, bias, implementation)
+
+
+def library(q, k, v, bias):
+  """jax.nn.dot_product_attention (its XLA form: the only one on the CPU)."""
+  return jax.nn.dot_product_attention(q, k, v, bias=bias[None], implementation='xla')
+
+
+FORMS = {'attend_xla': ours('xla'), 'attend_auto': ours(blocks.attention_implementation(
+    15, 8, BF16, train=True)), 'dot_product_attention': library}
+
+
+@pytest.mark.parametrize('form', sorted(FORMS))
 @pytest.mark.parametrize('dtype,tol', [(F32, 1e-5), (BF16, 3e-2)])
-def test_attend_matches_explicit_attention_values_and_gradients(dtype, tol):
-  """bf16: q, k, v and the output are bf16 (8 bits of mantissa), so 3e-2 of the values' scale."""
+def test_attention_matches_explicit_attention_values_and_gradients(form, dtype, tol):
+  """bf16: q, k, v and the output are bf16 (8 bits of mantissa), so 3e-2 of the values' scale.
+
+  On a GPU 'attend_auto' is cuDNN's fused kernel (15 tokens, inference and training: 'xla' for
+  the odd count in training); on the CPU every form is XLA's.
+  """
+  fn = FORMS[form]
   q, k, v, bias = qkv_bias(0, dtype)
-  got = jax.jit(blocks.attend)(q, k, v, bias)
+  got = jax.jit(fn)(q, k, v, bias)
   want = reference_attention(q, k, v, bias)
   assert got.dtype == dtype and got.shape == q.shape
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=tol, atol=tol)
-  for g, w in zip(_grads(blocks.attend, q, k, v, bias),
-                  _grads(reference_attention, q, k, v, bias)):
+  for g, w in zip(_grads(fn, q, k, v, bias), _grads(reference_attention, q, k, v, bias)):
     scale = float(jnp.max(jnp.abs(w.astype(F32))))
     np.testing.assert_allclose(np.asarray(g, np.float32) / scale, np.asarray(w, np.float32) / scale,
                                rtol=tol, atol=tol)
@@ -77,18 +97,20 @@ def test_relative_bias_gather_matches_brute_force(height, width):
 
 def test_qkv_projection_has_dense_generals_parameters_and_values():
   """Same names, shapes and initial values as nn.DenseGeneral((3, heads, d)): checkpoints made
-  before restore, and the output is DenseGeneral's with the q/k/v axis moved first."""
+  before restore, and the output is DenseGeneral's with the q/k/v axis moved first and q scaled
+  by head_size ** -0.5."""
   x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 6, 16)), F32)
-  ours = blocks.QKVProjection(heads=2, head_size=8, dtype=F32)
+  proj = blocks.QKVProjection(heads=2, head_size=8, dtype=F32)
   dense = nn.DenseGeneral((3, 2, 8), kernel_init=blocks.default_init)
-  p_ours = ours.init(jax.random.key(3), x)
+  p_ours = proj.init(jax.random.key(3), x)
   p_dense = dense.init(jax.random.key(3), x)
   assert jax.tree.map(jnp.shape, p_ours) == jax.tree.map(jnp.shape, p_dense)
   np.testing.assert_array_equal(p_ours['params']['kernel'], p_dense['params']['kernel'])
   p = {'params': {'kernel': p_dense['params']['kernel'],
                   'bias': jnp.asarray(np.random.default_rng(4).standard_normal((3, 2, 8)), F32)}}
-  np.testing.assert_allclose(ours.apply(p, x), jnp.moveaxis(dense.apply(p, x), 2, 0),
-                             rtol=1e-6, atol=1e-6)
+  want = jnp.moveaxis(dense.apply(p, x), 2, 0)
+  np.testing.assert_allclose(proj.apply(p, x), want.at[0].multiply(8 ** -0.5), rtol=1e-6,
+                             atol=1e-6)
 
 
 def test_attention_implementation_rule():

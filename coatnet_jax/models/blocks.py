@@ -183,11 +183,11 @@ def relative_bias(table, height: int, width: int):
 
 def attention_implementation(num_tokens: int, head_size: int, dtype, train: bool,
                              backend=None) -> str:
-  """'cudnn' (fused flash attention) where its shape rules allow, else 'xla'.
+  """'cudnn' (``jax.nn.dot_product_attention``'s fused kernel) where its rules allow, else 'xla'.
 
   cuDNN's kernel needs a GPU, 16-bit inputs and a head size that is a multiple of 8 up to 128;
   with a bias it refuses the backward pass for an odd token count (S4 at 224 px has 7x7 = 49
-  tokens): those calls FALL BACK to XLA's attention (the same math, N x N logits materialised)
+  tokens): those calls FALL BACK to the XLA form (the same math, N x N logits materialised)
   rather than padding, because padding the keys needs a mask and the padded queries' rows would
   cost as much as the fallback at these sizes. The choice is made per call, at trace time;
   ``backend`` defaults to ``jax.default_backend()``.
@@ -202,29 +202,35 @@ def attention_implementation(num_tokens: int, head_size: int, dtype, train: bool
 
 
 def attend(q, k, v, bias, implementation: str = 'xla'):
-  """softmax(q k^T / sqrt(d) + bias) v for (batch, tokens, heads, head_size) q, k, v.
+  """softmax(q k^T + bias) v for (batch, tokens, heads, head_size) q, k, v; q comes pre-scaled.
 
-  ``bias`` is float32 (heads, N, N); logits and softmax are float32 (XLA path); cuDNN takes the
-  bias in the inputs' dtype. ``jax.nn.dot_product_attention`` scales the float32 logits itself,
-  so no separate pass over q is needed. A shape or version that cuDNN refuses when the call is
-  traced (jax checks its rules in Python) falls back to XLA.
+  ``bias`` is float32 (heads, N, N). 'cudnn' is ``jax.nn.dot_product_attention``'s fused kernel,
+  which takes the bias in the inputs' dtype; a shape or version it refuses when the call is traced
+  (jax checks its rules in Python) falls back to 'xla'. 'xla' is written out here rather than
+  taken from ``jax.nn.dot_product_attention(implementation='xla')``: the same math (float32
+  logits, bias and softmax; probabilities in the inputs' dtype), but that function scales the
+  N x N float32 logits instead of q and, on the CPU, counts 2.1x the bytes of this form forward
+  and 1.2x with the gradient (S3 of CoAtNet-0, batch 8, bf16; benchmarks/README.md).
   """
   if implementation == 'cudnn':
     try:
-      return jax.nn.dot_product_attention(q, k, v, bias=bias[None].astype(q.dtype),
+      return jax.nn.dot_product_attention(q, k, v, bias=bias[None].astype(q.dtype), scale=1.0,
                                           implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError, TypeError):
       pass
-  return jax.nn.dot_product_attention(q, k, v, bias=bias[None], implementation='xla')
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) + bias[None]
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
 class QKVProjection(nn.Module):
-  """q, k and v of every head as one (3, batch, tokens, heads, head_size) array.
+  """q, k and v of every head as one (3, batch, tokens, heads, head_size) array, q pre-scaled.
 
   The parameters are those of ``nn.DenseGeneral((3, heads, head_size))`` (kernel
   (C, 3, heads, head_size), bias (3, heads, head_size), same initialisation), but the output puts
   the q/k/v axis first, so each of q, k, v is a contiguous (B, N, heads, d) slice in the layout
-  ``jax.nn.dot_product_attention`` takes: no transposes.
+  the attention takes (no transposes), and q's kernel and bias are multiplied by
+  ``head_size ** -0.5`` (a pass over the small kernel instead of over q or the logits).
   """
 
   heads: int
@@ -238,8 +244,10 @@ class QKVProjection(nn.Module):
     kernel = self.param('kernel', lambda key, shape, dtype: default_init(
         key, (channels, int(np.prod(shape[1:]))), dtype).reshape(shape), shape, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros_init(), shape[1:], jnp.float32)
-    out = jnp.einsum('bnc,cthd->tbnhd', tokens.astype(self.dtype), kernel.astype(self.dtype))
-    return out + bias.astype(self.dtype)[:, None, None]
+    scale = jnp.asarray([self.head_size ** -0.5, 1.0, 1.0], jnp.float32)[:, None, None]
+    kernel = (kernel * scale).astype(self.dtype)
+    out = jnp.einsum('bnc,cthd->tbnhd', tokens.astype(self.dtype), kernel)
+    return out + (bias * scale).astype(self.dtype)[:, None, None]
 
 
 class RelativeAttention(nn.Module):
