@@ -91,7 +91,7 @@ def test_run_gpu_keeps_every_row_and_prints_the_table(tmp_path):
   proc = subprocess.run(
       ['bash', os.path.join(ROOT, 'benchmarks', 'run_gpu.sh'), '--cases',
        'coatnet_pico:coatnet_0_224:2,no_such_model:no_such_model:2', '--res', '64', '--dtype',
-       'float32', '--steps', '1', '--warmup', '1', '--rows', 'inference'],
+       'float32', '--steps', '1', '--warmup', '1', '--rows', 'inference', '--budget_s', '3000'],
       cwd='/', env=env, capture_output=True, text=True, timeout=1200)
   assert proc.returncode == 0, proc.stderr[-4000:]
   files = sorted(p.name for p in out.iterdir())
