@@ -186,15 +186,15 @@ def random_variables(shapes, seed):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-@pytest.mark.parametrize('form,dtype,tol', [('paper', F32, 1e-4), ('timm', F32, 1e-4),
-                                            ('paper', BF16, 0.15)])
+@pytest.mark.parametrize('form,dtype,tol', [('paper', F32, 1e-5), ('timm', F32, 1e-5),
+                                            ('paper', BF16, 3e-2)])
 def test_folded_batchnorm_matches_unfolded_model(form, dtype, tol):
-  """float32: rounding only. bfloat16: folded kernels are rounded to bf16 once instead of the
-  activations being normalised in bf16, so logits differ by bf16 noise (0.15 on logits of
-  scale ~3, about 2 bf16 ulps through 10 blocks)."""
+  """Relative to the largest logit. float32: rounding only (measured 6e-7). bfloat16: folded
+  kernels are rounded to bf16 once instead of activations being normalised in bf16; measured
+  0.007, less than the bf16 model's own distance from float32 (0.016), so 3e-2."""
   options = models.TIMM_OPTIONS if form == 'timm' else models.Options()
   model = models.get_model('coatnet_pico', 10, dtype=dtype, options=options)
-  x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (2, 64, 64, 3)), F32)
+  x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (2, 32, 32, 3)), F32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
   variables = random_variables(shapes, seed=8)
   folded = models.fold_batchnorm(model, variables)
@@ -206,13 +206,6 @@ def test_folded_batchnorm_matches_unfolded_model(form, dtype, tol):
   got = jax.jit(functools.partial(models.folded_model(model).apply, train=False))(folded, x)
   scale = float(jnp.max(jnp.abs(want)))
   np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, rtol=tol, atol=tol)
-  # The same variables differentiate the same way (exported inference only, but a sanity check
-  # that folding is linear in the input): gradients w.r.t. the image.
-  g = lambda m, v: jax.grad(lambda x: jnp.sum(m.apply(v, x, train=False) ** 2))(x)
-  if dtype == F32:
-    g_want, g_got = g(model, variables), g(models.folded_model(model), folded)
-    s = float(jnp.max(jnp.abs(g_want)))
-    np.testing.assert_allclose(np.asarray(g_got) / s, np.asarray(g_want) / s, rtol=1e-4, atol=1e-4)
 
 
 def test_remat_policies_keep_parameters_and_gradients():
