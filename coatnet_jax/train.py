@@ -95,7 +95,8 @@ def make_init_fn(config, model, tx):
 
 
 def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_weights=None):
-  """(state, batch) -> (state, metrics). A non-finite step leaves the parameters untouched.
+  """(state, batch) -> (state, metrics). A non-finite step leaves all but the optimizer moments
+  untouched (see below).
 
   ``class_weights`` (one per class; ``losses.balanced_class_weights``) weight each example's loss
   by its label's weight; after Mixup/CutMix an example keeps the weight of its own label.
@@ -149,11 +150,12 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_w
     grad_norm = optax.tree.norm(grads)
     lr = schedule(state.step)
     # Finiteness from three scalars, never a scan of the state: with a finite loss, gradient
-    # norm and learning rate, AdamW's update is finite. A non-finite step changes no parameter:
-    # its update is zeroed, a select inside the update's own elementwise pass (a select between
-    # the whole old and new state, or a lax.cond over the update, costs copies of the state:
-    # benchmarks/README.md). Its optimizer moments may be non-finite; the loop stops at the next
-    # check and checks every step before any save, so nothing non-finite is saved.
+    # norm and learning rate, AdamW's update is finite. A non-finite step changes no parameter,
+    # BatchNorm statistic, EMA or step count: its update is zeroed, a select inside the update's
+    # own elementwise pass (a select between the whole old and new state, or a lax.cond over the
+    # update, costs copies of the state: DEVELOPERS.md). Its optimizer moments may change or be
+    # non-finite; the loop stops at the next check and checks every step before any save, so
+    # nothing non-finite is saved.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
@@ -161,9 +163,13 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_w
     ema_params = state.ema_params
     if ema_params is not None:
       decay = optim.ema_decay(state.step, config.ema.decay, config.ema.get('warmup', True))
-      ema_params = optim.ema_update(ema_params, params, decay)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=ema_params)
+      # Decay 1 keeps the average exactly (1 * e + 0 * p, p finite): a scalar, not a select.
+      ema_params = optim.ema_update(ema_params, params, jnp.where(finite, decay, 1.0))
+    # The step counter and BatchNorm statistics are tiny: selected whole.
+    batch_stats = jax.tree.map(lambda n, o: jnp.where(finite, n, o), batch_stats,
+                               state.batch_stats)
+    new_state = state.replace(step=jnp.where(finite, state.step + 1, state.step), params=params,
+                              batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params)
     return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr, 'finite': finite}
 
   return train_step
