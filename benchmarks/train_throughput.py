@@ -1,12 +1,16 @@
-r"""Img/s, MFU, peak memory and compile time of THIS project's train (or eval) step, one device.
+r"""Img/s, MFU, peak memory and compile time of THIS project's train or inference step, one device.
 
-  python benchmarks/train_throughput.py --variant coatnet_0 --batch 256 --res 224 \
-      --dtype bfloat16 --steps 20 --warmup 5 [--mode inference]
+  python3 benchmarks/train_throughput.py --variant coatnet_0 --batch 256 --res 224 \
+      --dtype bfloat16 --steps 20 --warmup 5 [--mode inference [--no_fold]] [--form paper]
 
-The step is the trainer's own (``train.make_train_step`` / ``make_eval_step``) with the base
-config's AdamW, clipping and loss, jitted with the trainer's shardings on a one-device mesh and a
-donated state. The batch is synthetic uint8 images and int labels already on the device, so this
-measures the step, not the input pipeline. No TensorFlow is imported (checked at the end);
+The train step is the trainer's own (``train.make_train_step``) with the base config's AdamW,
+clipping and loss, jitted with the trainer's shardings on a one-device mesh and a donated state.
+The inference step is what ``evaluate``/``export`` run: the forward pass to class probabilities with
+BatchNorm folded into the convolutions (``--no_fold``: the unfolded model), from the model's
+variables alone (no optimizer state is built). ``--form timm`` (the default) is timm's
+coatnet_N_224 form (``TIMM_OPTIONS``), like for like with ``timm_peer.py``; ``paper`` the paper's.
+The batch is synthetic uint8 images and int labels already on the device, so this measures the
+step, not the input pipeline. No TensorFlow is imported (checked at the end);
 ``ml_collections`` is needed (configs and ``train`` import it). The last line is one JSON object.
 
 MFU = img/s x FLOPs per image / the device's peak (``metrics.PEAK_FLOPS``, dense bf16 vendor
@@ -14,6 +18,7 @@ figures), with FLOPs per image = 2 x counted MACs (x 3 for training); omitted on
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,14 +32,18 @@ import jax.numpy as jnp
 
 from configs import common
 from coatnet_jax import cost
+from coatnet_jax import input_pipeline
 from coatnet_jax import metrics
+from coatnet_jax import models
 from coatnet_jax import sharding
 from coatnet_jax import train
 
 
-def make_config(variant: str, batch: int, res: int, dtype: str):
+def make_config(variant: str, batch: int, res: int, dtype: str, form: str = 'paper'):
   """The base config as the recipes train it, minus regularisers timm's peer does not run."""
   c = common.get_base_config()
+  if form == 'timm':
+    c.model.switches.update(dataclasses.asdict(models.TIMM_OPTIONS))
   c.model.name, c.model.dtype, c.model.drop_path_rate = variant, dtype, 0.0
   c.data.image_size, c.batch_size, c.eval_batch_size = res, batch, batch
   c.total_steps = 10_000
@@ -49,36 +58,45 @@ def peak_memory_bytes():
 
 
 def run(variant='coatnet_0', batch=256, res=224, dtype='bfloat16', steps=20, warmup=5,
-        mode='train', num_classes=1000) -> dict:
-  config = make_config(variant, batch, res, dtype)
+        mode='train', num_classes=1000, form='timm', fold=True) -> dict:
+  config = make_config(variant, batch, res, dtype, form)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   model = train.build_model(config, num_classes)
-  schedule, tx = train.build_optimizer(config, train_size=batch * 1000)
-  init_fn = train.make_init_fn(config, model, tx)
-  shardings = sharding.tree_shardings(jax.eval_shape(init_fn), mesh, config.sharding)
-  state = jax.jit(init_fn, out_shardings=shardings)()
-
   bs = sharding.batch_sharding(mesh)
   k1, k2 = jax.random.split(jax.random.key(0))
   batch_data = jax.device_put({
       'image': jax.random.randint(k1, (batch, res, res, 3), 0, 256, jnp.int32).astype(jnp.uint8),
-      'label': jax.random.randint(k2, (batch,), 0, num_classes, jnp.int32),
-      'mask': jnp.ones((batch,), jnp.int32)}, bs)
+      'label': jax.random.randint(k2, (batch,), 0, num_classes, jnp.int32)}, bs)
   rep = sharding.replicated(mesh)
   t0 = time.perf_counter()
   if mode == 'train':
-    batch_data.pop('mask')
+    schedule, tx = train.build_optimizer(config, train_size=batch * 1000)
+    init_fn = train.make_init_fn(config, model, tx)
+    shardings = sharding.tree_shardings(jax.eval_shape(init_fn), mesh, config.sharding)
+    state = jax.jit(init_fn, out_shardings=shardings)()
+    t0 = time.perf_counter()
     step = train.jit_train_step(config, model, tx, schedule, num_classes, mesh,
                                 shardings).lower(state, batch_data).compile()
     def one(s):
       return step(s, batch_data)
-  else:
-    step = jax.jit(train.make_eval_step(config, model, num_classes),
-                   in_shardings=(shardings.params, shardings.batch_stats, bs),
-                   out_shardings=rep).lower(state.params, state.batch_stats,
-                                            batch_data).compile()
+  else:  # The model's variables only: no optimizer state, nothing donated.
+    compute_dtype = train.dtype_of(dtype)
+    state = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, res, res, 3),
+                                                                    compute_dtype)),
+                    out_shardings=rep)()
+    net = model
+    if fold:
+      net = models.folded_model(model)
+      state = jax.jit(lambda v: models.fold_batchnorm(model, v), out_shardings=rep)(state)
+
+    def forward(variables, images):
+      logits = net.apply(variables, input_pipeline.normalize(images, compute_dtype), train=False)
+      return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    t0 = time.perf_counter()
+    step = jax.jit(forward, out_shardings=rep).lower(state, batch_data['image']).compile()
     def one(s):
-      return s, step(s.params, s.batch_stats, batch_data)
+      return s, step(s, batch_data['image'])
   compile_s = time.perf_counter() - t0
 
   for _ in range(warmup):
@@ -97,6 +115,7 @@ def run(variant='coatnet_0', batch=256, res=224, dtype='bfloat16', steps=20, war
   mem = peak_memory_bytes()
   return {
       'impl': 'coatnet_jax', 'model': variant, 'mode': mode, 'batch': batch, 'res': res,
+      'form': form, 'fold_bn': bool(fold) if mode == 'inference' else None,
       'dtype': dtype, 'steps': steps, 'img_per_s': img_per_s,
       'step_ms': 1e3 * elapsed / steps, 'gflops_per_img': flops / 1e9,
       'mfu': img_per_s * flops / peak if peak else None,
@@ -115,8 +134,11 @@ def main(argv=None):
   p.add_argument('--warmup', type=int, default=5)
   p.add_argument('--mode', default='train', choices=['train', 'inference'])
   p.add_argument('--num_classes', type=int, default=1000)
+  p.add_argument('--form', default='timm', choices=['timm', 'paper'])
+  p.add_argument('--no_fold', action='store_true', help='inference without BatchNorm folding')
   a = p.parse_args(argv)
-  result = run(a.variant, a.batch, a.res, a.dtype, a.steps, a.warmup, a.mode, a.num_classes)
+  result = run(a.variant, a.batch, a.res, a.dtype, a.steps, a.warmup, a.mode, a.num_classes,
+               a.form, not a.no_fold)
   assert 'tensorflow' not in sys.modules, 'The benchmark path imported TensorFlow.'
   print(json.dumps(result))
 

@@ -65,7 +65,7 @@ def build_model(config, num_classes: int):
   m = config.model
   return models.get_model(m.name, num_classes, dtype=dtype_of(m.get('dtype', 'float32')),
                           drop_path_rate=m.get('drop_path_rate', 0.0),
-                          **dict(m.get('switches', {})))
+                          remat=m.get('remat', 'none'), **dict(m.get('switches', {})))
 
 
 def total_steps(config, train_size: int) -> int:
@@ -100,7 +100,8 @@ def make_init_fn(config, model, tx):
 
 
 def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_weights=None):
-  """(state, batch) -> (state, metrics). A non-finite loss leaves the state untouched.
+  """(state, batch) -> (state, metrics). A non-finite step leaves all but the optimizer moments
+  untouched (see below).
 
   ``class_weights`` (one per class; ``losses.balanced_class_weights``) weight each example's loss
   by its label's weight; after Mixup/CutMix an example keeps the weight of its own label.
@@ -152,20 +153,29 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_w
       loss = loss / accum
 
     grad_norm = optax.tree.norm(grads)
+    lr = schedule(state.step)
+    # Finiteness from three scalars, never a scan of the state: with a finite loss, gradient
+    # norm and learning rate, AdamW's update is finite. A non-finite step changes no parameter,
+    # BatchNorm statistic, EMA or step count: its update is zeroed, a select inside the update's
+    # own elementwise pass (a select between the whole old and new state, or a lax.cond over the
+    # update, costs copies of the state: DEVELOPERS.md). Its optimizer moments may change or be
+    # non-finite; the loop stops at the next check and checks every step before any save, so
+    # nothing non-finite is saved.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(lr)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
       decay = optim.ema_decay(state.step, config.ema.decay, config.ema.get('warmup', True))
-      ema_params = optim.ema_update(ema_params, params, decay)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, ema_params=ema_params)
-    # The update too: a finite loss with a NaN learning rate would still poison the parameters.
-    finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-              & jnp.isfinite(optax.tree.norm(updates)))
-    new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-                       'finite': finite}
+      # Decay 1 keeps the average exactly (1 * e + 0 * p, p finite): a scalar, not a select.
+      ema_params = optim.ema_update(ema_params, params, jnp.where(finite, decay, 1.0))
+    # The step counter and BatchNorm statistics are tiny: selected whole.
+    batch_stats = jax.tree.map(lambda n, o: jnp.where(finite, n, o), batch_stats,
+                               state.batch_stats)
+    new_state = state.replace(step=jnp.where(finite, state.step + 1, state.step), params=params,
+                              batch_stats=batch_stats, opt_state=opt_state, ema_params=ema_params)
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr, 'finite': finite}
 
   return train_step
 
@@ -299,7 +309,7 @@ def _check_finite(pending):
     if not np.isfinite(value) or (finite is not None and not finite):
       what = f'Loss is {value}' if not np.isfinite(value) else 'The update is not finite'
       raise NonFiniteLossError(
-          f'{what} at step {step}; stopping. The train state was not updated by that '
+          f'{what} at step {step}; stopping. The parameters were not updated by that '
           f'step and nothing non-finite was saved. Lower the learning rate, check the data, or '
           f'resume from the last checkpoint.')
   return [float(v) for v, _ in values]

@@ -51,6 +51,9 @@ def get_base_config():
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
   c.model.drop_path_rate = 0.0
   c.model.switches = model_switches()  # Every models.Options field, with its default there.
+  # Rematerialisation per block in the backward pass: 'none', 'block' (recompute each block from
+  # its input) or 'dots' (keep matmul outputs only); less memory for more compute (README).
+  c.model.remat = 'none'
 
   c.data = ml_collections.ConfigDict()
   # 'digits' (sklearn's, in memory, no TF), 'tfrecords' (JFT-style multi-label TFRecords by glob),

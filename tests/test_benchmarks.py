@@ -77,3 +77,37 @@ def test_input_pipeline_benchmark_files_are_as_dense_as_imagenet():
   dense, sparse = (sum(map(len, make_jpegs(20, quality=q))) / 20 / 1024 for q in (98, 90))
   assert 85 < dense < 130, dense
   assert sparse < 0.6 * dense, (sparse, dense)
+
+
+def test_run_gpu_keeps_every_row_and_prints_the_table(tmp_path):
+  """run_gpu.sh at a tiny size on the CPU: a row that fails (an unknown model) is recorded with its
+  reason while the others run; every row is in this run's own results file; the table comes last
+  with the ratio of ours to timm for the same case. Inference rows only: the train rows' scripts
+  are run by test_ours/test_timm above."""
+  out = tmp_path / 'out'
+  (out / 'results-old.jsonl').parent.mkdir()
+  (out / 'results-old.jsonl').write_text('{"stale": true}\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', OUT=str(out))
+  proc = subprocess.run(
+      ['bash', os.path.join(ROOT, 'benchmarks', 'run_gpu.sh'), '--cases',
+       'coatnet_pico:coatnet_0_224:2,no_such_model:no_such_model:2', '--res', '64', '--dtype',
+       'float32', '--steps', '1', '--warmup', '1', '--rows', 'inference', '--budget_s', '3000'],
+      cwd='/', env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  files = sorted(p.name for p in out.iterdir())
+  new = [f for f in files if f.startswith('results-') and f != 'results-old.jsonl']
+  assert len(new) == 1 and 'bench.log' in files, files
+  records = [json.loads(l) for l in (out / new[0]).read_text().splitlines()]
+  assert [r['row'] for r in records] == [
+      'ours coatnet_pico inference 2', 'timm coatnet_pico inference 2',
+      'ours no_such_model inference 2', 'timm no_such_model inference 2']
+  ours, peer = records[0], records[1]
+  assert ours['impl'] == 'coatnet_jax' and ours['fold_bn'] is True and ours['img_per_s'] > 0
+  assert peer['impl'] == 'timm' and peer['model'] == 'coatnet_0_224' and peer['img_per_s'] > 0
+  assert all(r['failed'].startswith('exit ') for r in records[2:]), records[2:]
+  table = proc.stdout[proc.stdout.index('| row |'):]
+  ratio = ours['img_per_s'] / peer['img_per_s']
+  assert f'| ours coatnet_pico inference 2 | {ours["img_per_s"]:.0f} |' in table
+  assert f'{ratio:.2f}x (timm)' in table, table
+  assert table.count('failed: exit') == 2, table
+  assert 'Unknown model' in (out / 'bench.log').read_text()

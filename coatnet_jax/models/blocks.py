@@ -96,12 +96,28 @@ def pool2x2(x, kind):
   """The paper's down-sampling pool: window 2, stride 2 (ceil for odd sizes, as TF 'SAME').
 
   ``'max3'`` is timm's other one: window 3, stride 2, padding 1.
+
+  Window 2 is written as a reshape and a reduction over the window axes, so that the max-pool
+  gradient is elementwise (a compare and a select) instead of ``reduce_window``'s
+  select-and-scatter. An odd height or width is padded at the end (with -inf for max; excluded from
+  the mean), which is what 'SAME' pooling gives, so the values are today's for any size. Max
+  gradients on exact ties within a window are split evenly among them (``reduce_window`` gives
+  them to one); ties have measure zero in float training.
   """
   if kind == 'max3':
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  batch, height, width, channels = x.shape
+  pad_h, pad_w = height % 2, width % 2
   if kind == 'max':
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-  return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME', count_include_pad=False)
+    if pad_h or pad_w:
+      x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=-jnp.inf)
+    return x.reshape(batch, (height + pad_h) // 2, 2, (width + pad_w) // 2, 2, channels).max(
+        axis=(2, 4))
+  if pad_h or pad_w:  # A border window averages only its real entries (count_include_pad=False).
+    # Flax divides by float32 counts: cast back, or a bf16 model turns float32 from here on.
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME',
+                       count_include_pad=False).astype(x.dtype)
+  return x.reshape(batch, height // 2, 2, width // 2, 2, channels).mean(axis=(2, 4))
 
 
 def gelu(x, options):
@@ -145,20 +161,49 @@ class SqueezeExcite(nn.Module):
     return x * nn.sigmoid(s)
 
 
+def foldable_mbconv_norms(options: Options) -> tuple[str, ...]:
+  """The MBConv BatchNorms that fold exactly into a neighbouring convolution under ``options``.
+
+  ``expand_norm`` follows ``expand_conv`` directly in every layout. ``depthwise_norm`` folds into
+  the depthwise convolution unless squeeze-excitation (a per-example gate) sits between them
+  (``se_early``). ``pre_norm`` folds into the 1x1 ``expand_conv`` (no padding; the average pool
+  of ``mbconv_stride='pool'`` commutes with a per-channel affine map) unless an activation
+  follows it (``mbconv_pre_norm_act``).
+  """
+  folds = ['expand_norm']
+  if not options.se_early:
+    folds.append('depthwise_norm')
+  if not options.mbconv_pre_norm_act:
+    folds.append('pre_norm')
+  return tuple(folds)
+
+
 class MBConvBlock(nn.Module):
-  """Pre-norm MBConv: BN -> 1x1 expand (x4 of out) -> BN GELU -> dw 3x3 -> BN GELU -> SE -> 1x1."""
+  """Pre-norm MBConv: BN -> 1x1 expand (x4 of out) -> BN GELU -> dw 3x3 -> BN GELU -> SE -> 1x1.
+
+  ``folded``: the inference form whose BatchNorms (``foldable_mbconv_norms``: all three in the
+  paper's layout) live in the convolutions' kernels and biases (``fold.fold_batchnorm`` makes its
+  variables).
+  """
 
   features: int
   stride: int
   drop_path: float
   options: Options
   dtype: Dtype
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     o = self.options
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=o.bn_momentum,
-                             epsilon=o.bn_epsilon, dtype=self.dtype)
+    bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=o.bn_momentum,
+                           epsilon=o.bn_epsilon, dtype=self.dtype)
+    folds = foldable_mbconv_norms(o) if self.folded else ()
+
+    def norm(name):
+      """A BatchNorm, or nothing where the folded form carries it in a convolution."""
+      return (lambda y: y) if name in folds else bn(name=name)
+
     act = functools.partial(activation, kind=o.conv_act, options=o)
     shortcut = pool2x2(x, o.pool) if self.stride > 1 else x
     if shortcut.shape[-1] != self.features:
@@ -173,17 +218,19 @@ class MBConvBlock(nn.Module):
     stride_1x1 = self.stride if o.mbconv_stride == '1x1' else 1
     stride_dw = self.stride if o.mbconv_stride == 'depthwise' else 1
     se = SqueezeExcite(reduced, self.dtype, o.se_act, name='se')
-    y = norm(name='pre_norm')(x)
+    y = norm('pre_norm')(x)
     if o.mbconv_pre_norm_act:
       y = act(y)
     if o.mbconv_stride == 'pool' and self.stride > 1:
       y = pool2x2(y, 'avg')
-    y = conv(mid, 1, o, stride=stride_1x1, dtype=self.dtype, name='expand_conv')(y)
-    y = act(norm(name='expand_norm')(y))
-    y = conv(mid, 3, o, stride=stride_dw, groups=mid, dtype=self.dtype, name='depthwise_conv')(y)
+    y = conv(mid, 1, o, stride=stride_1x1, use_bias=self.folded, dtype=self.dtype,
+             name='expand_conv')(y)
+    y = act(norm('expand_norm')(y))
+    y = conv(mid, 3, o, stride=stride_dw, groups=mid, use_bias='depthwise_norm' in folds,
+             dtype=self.dtype, name='depthwise_conv')(y)
     if o.se_early:
       y = se(y)
-    y = act(norm(name='depthwise_norm')(y))
+    y = act(norm('depthwise_norm')(y))
     if not o.se_early:
       y = se(y)
     y = conv(self.features, 1, o, use_bias=o.mbconv_output_bias, dtype=self.dtype,
@@ -201,14 +248,96 @@ def relative_index(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
   return i[:, None] - i[None, :] + height - 1, j[:, None] - j[None, :] + width - 1
 
 
+def relative_bias(table, height: int, width: int):
+  """The (heads, N, N) float32 pre-softmax bias of an H x W map from its (heads, 2H-1, 2W-1) table.
+
+  One gather per call through a precomputed flat index (a constant of the shape), so the
+  backward pass is one scatter-add into the small table.
+  """
+  rows, cols = relative_index(height, width)
+  flat = jnp.asarray(rows * (2 * width - 1) + cols, jnp.int32)
+  n = height * width
+  return jnp.take(table.reshape(table.shape[0], -1), flat.reshape(-1), axis=1).reshape(-1, n, n)
+
+
+def attention_implementation(num_tokens: int, head_size: int, dtype, train: bool,
+                             backend=None) -> str:
+  """'cudnn' (``jax.nn.dot_product_attention``'s fused kernel) where its rules allow, else 'xla'.
+
+  cuDNN's kernel needs a GPU, 16-bit inputs and a head size that is a multiple of 8 up to 128;
+  with a bias it refuses the backward pass for an odd token count (S4 at 224 px has 7x7 = 49
+  tokens): those calls FALL BACK to the XLA form (the same math, N x N logits materialised)
+  rather than padding, because padding the keys needs a mask and the padded queries' rows would
+  cost as much as the fallback at these sizes. The choice is made per call, at trace time;
+  ``backend`` defaults to ``jax.default_backend()``.
+  """
+  if (backend or jax.default_backend()) != 'gpu':
+    return 'xla'
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return 'xla'
+  if head_size % 8 or head_size > 128 or (train and num_tokens % 2):
+    return 'xla'
+  return 'cudnn'
+
+
+def attend(q, k, v, bias, implementation: str = 'xla'):
+  """softmax(q k^T + bias) v for (batch, tokens, heads, head_size) q, k, v; q comes pre-scaled.
+
+  ``bias`` is float32 (heads, N, N). 'cudnn' is ``jax.nn.dot_product_attention``'s fused kernel,
+  which takes the bias in the inputs' dtype; a shape or version it refuses when the call is traced
+  (jax checks its rules in Python) falls back to 'xla'. 'xla' is written out here rather than
+  taken from ``jax.nn.dot_product_attention(implementation='xla')``: the same math (float32
+  logits, bias and softmax; probabilities in the inputs' dtype), but that function scales the
+  N x N float32 logits instead of q and, on the CPU, counts 2.1x the bytes of this form forward
+  and 1.2x with the gradient (S3 of CoAtNet-0, batch 8, bf16; benchmarks/README.md).
+  """
+  if implementation == 'cudnn':
+    try:
+      return jax.nn.dot_product_attention(q, k, v, bias=bias[None].astype(q.dtype), scale=1.0,
+                                          implementation='cudnn')
+    except (ValueError, NotImplementedError, RuntimeError, TypeError):
+      pass
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) + bias[None]
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+class QKVProjection(nn.Module):
+  """q, k and v of every head as one (3, batch, tokens, heads, head_size) array, q pre-scaled.
+
+  The parameters are those of ``nn.DenseGeneral((3, heads, head_size))`` (kernel
+  (C, 3, heads, head_size), bias (3, heads, head_size), same initialisation), but the output puts
+  the q/k/v axis first, so each of q, k, v is a contiguous (B, N, heads, d) slice in the layout
+  the attention takes (no transposes), and q's kernel and bias are multiplied by
+  ``head_size ** -0.5`` (a pass over the small kernel instead of over q or the logits).
+  """
+
+  heads: int
+  head_size: int
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, tokens):
+    channels = tokens.shape[-1]
+    shape = (channels, 3, self.heads, self.head_size)
+    kernel = self.param('kernel', lambda key, shape, dtype: default_init(
+        key, (channels, int(np.prod(shape[1:]))), dtype).reshape(shape), shape, jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros_init(), shape[1:], jnp.float32)
+    scale = jnp.asarray([self.head_size ** -0.5, 1.0, 1.0], jnp.float32)[:, None, None]
+    kernel = (kernel * scale).astype(self.dtype)
+    out = jnp.einsum('bnc,cthd->tbnhd', tokens.astype(self.dtype), kernel)
+    return out + (bias * scale).astype(self.dtype)[:, None, None]
+
+
 class RelativeAttention(nn.Module):
   """Multi-head self-attention with a trainable (2H-1)x(2W-1) pre-softmax bias table per head.
 
   The table is sized from the feature map it sees (never from a constructor image size); logits,
-  bias and softmax are float32 whatever the compute dtype. ``rel_pos='mlp'`` takes the bias from
-  timm's log-coordinate MLP instead (``relpos.RelPosMlp``), which has no size of its own.
-  ``width`` is that of q, k and v (default ``features``); the out projection maps it to
-  ``features``.
+  bias and softmax are float32 whatever the compute dtype (on the cuDNN path the bias is added in
+  the compute dtype inside the fused kernel). ``rel_pos='mlp'`` takes the bias from timm's
+  log-coordinate MLP instead (``relpos.RelPosMlp``), which has no size of its own. ``width`` is
+  that of q, k and v (default ``features``); the out projection maps it to ``features``.
+  ``implementation`` forces 'xla' or 'cudnn'; 'auto' asks ``attention_implementation``.
   """
 
   features: int
@@ -217,6 +346,7 @@ class RelativeAttention(nn.Module):
   width: Optional[int] = None
   rel_pos: str = 'table'
   rel_pos_mlp_width: int = 512
+  implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -229,14 +359,12 @@ class RelativeAttention(nn.Module):
       bias = self._table_bias(heads, height, width)
 
     tokens = x.reshape(batch, height * width, x.shape[-1])
-    qkv = nn.DenseGeneral((3, heads, self.head_size), dtype=self.dtype, kernel_init=default_init,
-                          name='qkv')(tokens)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * jnp.asarray(self.head_size ** -0.5, q.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
-    logits = logits + bias[None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    q, k, v = QKVProjection(heads, self.head_size, self.dtype, name='qkv')(tokens)
+    implementation = self.implementation
+    if implementation == 'auto':
+      implementation = attention_implementation(height * width, self.head_size, self.dtype,
+                                                train)
+    out = attend(q, k, v, bias, implementation)
     out = nn.DenseGeneral(self.features, axis=(-2, -1), dtype=self.dtype,
                           kernel_init=default_init, name='out')(out)
     return out.reshape(batch, height, width, self.features)
@@ -253,8 +381,7 @@ class RelativeAttention(nn.Module):
             f'{height}x{width}; resize the variables first with '
             'coatnet_jax.models.resize_variables(model, variables, image_size).')
     table = self.param('relative_bias', default_init, table_shape, jnp.float32)
-    rows, cols = relative_index(height, width)
-    return table[:, rows, cols]
+    return relative_bias(table, height, width)
 
 
 class TransformerBlock(nn.Module):

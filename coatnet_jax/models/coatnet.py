@@ -3,6 +3,7 @@
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +21,11 @@ def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
   return [float(r) for r in np.linspace(0.0, rate, num_blocks)]
 
 
+# Rematerialisation policies of ``CoAtNet.remat`` (config.model.remat).
+REMAT_POLICIES = {'none': None, 'block': None,
+                  'dots': jax.checkpoint_policies.checkpoint_dots}
+
+
 class CoAtNet(nn.Module):
   """CoAtNet on NHWC images; returns float32 logits.
 
@@ -29,6 +35,11 @@ class CoAtNet(nn.Module):
     options: architecture switches; defaults are the paper's form.
     drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks).
     dtype: compute dtype (float32 or bfloat16); parameters are always float32.
+    remat: rematerialisation of each S1..S4 block in the backward pass (``REMAT_POLICIES``):
+      'none' keeps every activation; 'block' keeps only block inputs and recomputes each block;
+      'dots' keeps matmul outputs and recomputes the rest (norms, GELU, softmax, convolutions).
+      The parameter tree is the same for every policy.
+    folded_bn: the inference form with BatchNorms folded into convolutions (``fold.py``).
   """
 
   variant: Variant
@@ -36,6 +47,14 @@ class CoAtNet(nn.Module):
   options: blocks.Options = blocks.Options()
   drop_path_rate: float = 0.0
   dtype: Any = jnp.float32
+  remat: str = 'none'
+  folded_bn: bool = False
+
+  def _block(self, cls):
+    if self.remat == 'none':
+      return cls
+    # static_argnums counts self: argument 2 is ``train``.
+    return nn.remat(cls, static_argnums=(2,), policy=REMAT_POLICIES[self.remat])
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -43,12 +62,14 @@ class CoAtNet(nn.Module):
     o, v = self.options, self.variant
     norm = nn.BatchNorm(use_running_average=not train, momentum=o.bn_momentum,
                         epsilon=o.bn_epsilon, dtype=self.dtype, name='stem_norm')
+    if self.folded_bn:
+      norm = lambda y: y  # pylint: disable=unnecessary-lambda-assignment
     x = jnp.asarray(images, self.dtype)
     if o.input_norm == 'half':  # pixels p = x * std + mean, then p / 127.5 - 1
       x = x * jnp.asarray(np.asarray(IMAGENET_STDDEV_RGB) / 127.5, self.dtype) + jnp.asarray(
           np.asarray(IMAGENET_MEAN_RGB) / 127.5 - 1.0, self.dtype)
-    x = blocks.conv(v.stem_hidden or v.stem_width, 3, o, stride=2, use_bias=o.stem_bias,
-                    dtype=self.dtype, name='stem_conv1')(x)
+    x = blocks.conv(v.stem_hidden or v.stem_width, 3, o, stride=2,
+                    use_bias=o.stem_bias or self.folded_bn, dtype=self.dtype, name='stem_conv1')(x)
     x = blocks.activation(norm(x), o.conv_act, o)
     x = blocks.conv(v.stem_width, 3, o, use_bias=o.stem_bias, dtype=self.dtype,
                     name='stem_conv2')(x)
@@ -62,9 +83,9 @@ class CoAtNet(nn.Module):
           common = dict(features=width, stride=2 if b == 0 else 1, drop_path=next(rates),
                         options=o, dtype=self.dtype, name=f'stage{s}_block{b}')
           if kind == 'C':
-            x = blocks.MBConvBlock(**common)(x, train)
+            x = self._block(blocks.MBConvBlock)(folded=self.folded_bn, **common)(x, train)
           else:
-            x = blocks.TransformerBlock(head_size=v.head_size, **common)(x, train)
+            x = self._block(blocks.TransformerBlock)(head_size=v.head_size, **common)(x, train)
           b += 1
       self.sow('intermediates', f'stage{s}', x)
 

@@ -12,7 +12,8 @@ relative-bias tables resized as ``evaluate --res`` does).
 
 ``--out`` is one zip archive:
   exported.bin        ``jax.export.Exported.serialize()``
-  variables.msgpack   ``flax.serialization.msgpack_serialize`` of {'params', 'batch_stats'} (numpy)
+  variables.msgpack   ``flax.serialization.msgpack_serialize`` of {'params'} (numpy), BatchNorm
+                      folded into the convolutions (``models.fold_batchnorm``)
   meta.json           model, res, num_classes, class_names, output (softmax|sigmoid), the eval
                       protocol for ``predict`` (crop_fraction, eval_resize_method), source workdir,
                       step, weights, jax version, platforms, and the SHA-256 of the two other
@@ -41,6 +42,7 @@ import numpy as np
 
 from coatnet_jax import archive_checks
 from coatnet_jax import input_pipeline
+from coatnet_jax import models
 from coatnet_jax import pretrained
 from coatnet_jax import train
 
@@ -115,7 +117,10 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
   num_classes = pre.num_classes
   names = class_names(pre.metadata, num_classes)
   model = train.build_model(config, num_classes)
-  variables = _to_numpy(pretrained.adapt(pre, model, res, num_classes))
+  variables = pretrained.adapt(pre, model, res, num_classes)
+  # The BatchNorm-folded network (models/fold.py): the same outputs with fewer passes.
+  variables = _to_numpy(models.fold_batchnorm(model, variables))
+  model = models.folded_model(model)
   fn = inference_fn(config, model)
   batch, = jax.export.symbolic_shape('b')
   specs = (jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables),
