@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from coatnet_jax import convert
 from coatnet_jax import models
 from coatnet_jax.models import blocks
 
@@ -186,21 +187,40 @@ def random_variables(shapes, seed):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+# Layouts: the paper's and timm's paper-config form (every BatchNorm folds); timm's rw CoAtNet
+# with BatchNorm transformers (an activation after pre_norm and squeeze-excitation before
+# depthwise_norm keep those two, and the transformer BatchNorms stay); timm's rmlp nano layout.
+LAYOUTS = {
+    'paper': ('coatnet_pico', lambda: models.Options()),
+    'timm': ('coatnet_pico', lambda: models.TIMM_OPTIONS),
+    'bn_0_rw': ('coatnet_pico_rw', lambda: convert.TIMM_MODELS['coatnet_bn_0_rw_224'].options),
+    'rmlp_nano_rw': ('coatnet_pico_rw',
+                     lambda: convert.TIMM_MODELS['coatnet_rmlp_nano_rw_224'].options),
+}
+
+
 @pytest.mark.parametrize('form,dtype,tol', [('paper', F32, 1e-5), ('timm', F32, 1e-5),
+                                            ('bn_0_rw', F32, 1e-5), ('rmlp_nano_rw', F32, 1e-5),
                                             ('paper', BF16, 3e-2)])
 def test_folded_batchnorm_matches_unfolded_model(form, dtype, tol):
   """Relative to the largest logit. float32: rounding only (measured 6e-7). bfloat16: folded
   kernels are rounded to bf16 once instead of activations being normalised in bf16; measured
   0.007, less than the bf16 model's own distance from float32 (0.016), so 3e-2."""
-  options = models.TIMM_OPTIONS if form == 'timm' else models.Options()
-  model = models.get_model('coatnet_pico', 10, dtype=dtype, options=options)
+  variant, options = LAYOUTS[form][0], LAYOUTS[form][1]()
+  model = models.get_model(variant, 10, dtype=dtype, options=options)
   x = jnp.asarray(np.random.default_rng(7).uniform(-1, 1, (2, 32, 32, 3)), F32)
   shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
   variables = random_variables(shapes, seed=8)
   folded = models.fold_batchnorm(model, variables)
-  assert 'batch_stats' not in folded
+  kept_mbconv = {'pre_norm', 'expand_norm', 'depthwise_norm'} - set(
+      blocks.foldable_mbconv_norms(options))
+  kept = {path[-2] for path in flax.traverse_util.flatten_dict(folded.get('batch_stats', {}))}
+  batch_transformers = options.transformer_norm == 'batch'  # and the rw head's norm with them
+  want_kept = kept_mbconv | ({'attn_norm', 'ffn_norm'} if batch_transformers else set()) | (
+      {'head_norm'} if batch_transformers and options.head_norm == 'spatial' else set())
+  assert kept == want_kept, (kept, want_kept)
   flat = flax.traverse_util.flatten_dict(folded['params'])
-  folded_names = {'stem_norm', 'pre_norm', 'expand_norm', 'depthwise_norm'}
+  folded_names = {'stem_norm', 'pre_norm', 'expand_norm', 'depthwise_norm'} - kept_mbconv
   assert not any(folded_names & set(path) for path in flat), 'a BatchNorm was left unfolded'
   want = jax.jit(functools.partial(model.apply, train=False))(variables, x)
   got = jax.jit(functools.partial(models.folded_model(model).apply, train=False))(folded, x)
