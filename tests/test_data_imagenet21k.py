@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from coatnet_jax import input_pipeline
 from coatnet_jax.data import imagenet21k
+import hostile_files
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -99,7 +100,8 @@ def test_builder_both_layouts(tmp_path, layout):
   train, val = _examples(b, 'train'), _examples(b, 'validation')
   assert len(train) + len(val) == 11
   want_val = sorted(f'{s}_{i}.JPEG' for s in SYNSETS for i in range(4)
-                    if imagenet21k.held_out(f'{s}_{i}.JPEG', 250) and f'{s}_{i}' != f'{SYNSETS[0]}_1')
+                    if imagenet21k.held_out(f'{s}_{i}.JPEG', 250)
+                    and f'{s}_{i}' != f'{SYNSETS[0]}_1')
   assert sorted(n for _, n in val) == want_val and val
   for label, name in train + val:
     assert name.startswith(SYNSETS[label])
@@ -147,22 +149,6 @@ def test_missing_release_is_one_line(tmp_path):
       imagenet21k.Release(d)
     assert '\n' not in str(e.value) and d in str(e.value) and 'coatnet_jax.data.imagenet21k' in str(
         e.value)
-
-
-def _png_header(width, height):
-  """A valid PNG header declaring width x height over a few bytes of data (a 'bomb')."""
-  import struct  # pylint: disable=g-import-not-at-top
-  import zlib  # pylint: disable=g-import-not-at-top
-
-  def chunk(kind, data):
-    return struct.pack('>I', len(data)) + kind + data + struct.pack(
-        '>I', zlib.crc32(kind + data) & 0xffffffff)
-
-  ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
-          + chunk(b'IEND', b''))
-
-
 def test_hostile_release_is_skipped_counted_and_named(tmp_path, monkeypatch):
   from coatnet_jax.data import image_limits  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(image_limits, 'MAX_FILE_BYTES', 60_000)  # A 2 GiB member, scaled down.
@@ -174,7 +160,7 @@ def test_hostile_release_is_skipped_counted_and_named(tmp_path, monkeypatch):
       if s == SYNSETS[1]:
         _add(t, f'{s}_huge.JPEG', b'\0' * 70_000)  # Declared above the limit: never read.
       if s == SYNSETS[2]:
-        _add(t, f'{s}_bomb.JPEG', _png_header(20000, 20000))  # Above the pixel limit.
+        _add(t, f'{s}_bomb.JPEG', hostile_files.png_header(20000, 20000))  # Above the pixel limit.
     (root / f'{s}.tar').write_bytes(buf.getvalue())
   (root / 'n00000001.tar').write_bytes(b'')  # Empty.
   (root / 'n00000002.tar').write_bytes(b'garbage ' * 200)  # Corrupt.

@@ -16,6 +16,7 @@ import tensorflow as tf
 from coatnet_jax import input_pipeline
 from coatnet_jax.data import folders
 from coatnet_jax.data import tfrecords
+import hostile_files
 
 tf.config.set_visible_devices([], 'GPU')
 
@@ -297,23 +298,6 @@ def test_jft_exact_eval_on_any_process_count(jft_dir):
     assert len(counts) == 1 and sorted(got) == want
   it = input_pipeline.train_iterator(c, 6, seed=0, process_index=1, process_count=3)
   assert next(it)['image'].shape == (2, 32, 32, 3)
-
-
-def _png_header_only(width, height):
-  """A valid PNG header declaring width x height, with a few bytes of data: what a hostile
-  'decompression bomb' file looks like to anything that reads the header."""
-  import struct  # pylint: disable=g-import-not-at-top
-  import zlib  # pylint: disable=g-import-not-at-top
-
-  def chunk(kind, data):
-    return struct.pack('>I', len(data)) + kind + data + struct.pack(
-        '>I', zlib.crc32(kind + data) & 0xffffffff)
-
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0,
-                                                           0, 0))
-          + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
-
-
 def test_hostile_class_folders(folder_root, tmp_path):
   from coatnet_jax.data import image_limits  # pylint: disable=g-import-not-at-top
   root = tmp_path / 'data'
@@ -324,7 +308,7 @@ def test_hostile_class_folders(folder_root, tmp_path):
   (root / 'train' / '.ipynb_checkpoints' / 'a.JPEG').write_bytes(_encode(photo))
   (root / 'train' / 'class_0' / '._img_000.JPEG').write_bytes(b'\0\5\26\7 resource fork')
   # A 20000x20000 PNG header (a 'bomb') and a WebP image: the same rule as predict's.
-  (root / 'train' / 'class_1' / 'bomb.png').write_bytes(_png_header_only(20000, 20000))
+  (root / 'train' / 'class_1' / 'bomb.png').write_bytes(hostile_files.png_header(20000, 20000))
   (root / 'train' / 'class_2' / 'photo.webp').write_bytes(_encode(photo, fmt='WEBP'))
   (root / 'train' / 'class_2' / 'notes.txt').write_text('not an image')
   c = _folder_config(str(root))
@@ -333,10 +317,10 @@ def test_hostile_class_folders(folder_root, tmp_path):
   assert (info.train_size, info.skipped_images) == (25, 2)  # + the WebP; truncated and bomb.
   paths = list(folders.Source(c).files('train')[0])
   assert any(p.endswith('photo.webp') for p in paths) and not any('bomb' in p for p in paths)
-  assert '10000x8000' in image_limits.too_large(_png_header_only(10000, 8000))
-  assert '50,000,000' in image_limits.too_large(_png_header_only(20000, 20000))
-  assert image_limits.too_large(_png_header_only(7071, 7071)) is None  # 49,999,041 pixels.
-  assert image_limits.too_large(_png_header_only(7072, 7071)) is not None
+  assert '10000x8000' in image_limits.too_large(hostile_files.png_header(10000, 8000))
+  assert '50,000,000' in image_limits.too_large(hostile_files.png_header(20000, 20000))
+  assert image_limits.too_large(hostile_files.png_header(7071, 7071)) is None  # 49,999,041 pixels.
+  assert image_limits.too_large(hostile_files.png_header(7072, 7071)) is not None
   # An empty class folder, one class only, a class whose only image does not decode: one line.
   os.makedirs(root / 'train' / 'class_3')
   with pytest.raises(ValueError, match='class_3 hold no image files') as e:

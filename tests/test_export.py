@@ -26,6 +26,7 @@ from coatnet_jax import predict
 from coatnet_jax import pretrained
 from coatnet_jax import train
 from coatnet_jax.tools import export
+import hostile_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ['cat', 'dog', 'eel']
@@ -215,7 +216,7 @@ def test_failed_write_keeps_the_old_archive(tmp_path):
 
 
 def test_export_computes_in_the_dtype_asked_for(exported, reference):
-  """--dtype bfloat16 on a float32 run: the same probabilities to bfloat16 precision, not bitwise."""
+  """--dtype bfloat16 on a float32 run: the probabilities to bfloat16 precision, not bitwise."""
   pre, variables, fn = reference
   serialized, stored, meta = export.export(pretrained.read(exported[0]), RES, ['cpu'], 'bfloat16')
   assert meta['dtype'] == 'bfloat16'
@@ -267,7 +268,7 @@ def test_hostile_archives_are_one_line(exported, tmp_path):
     assert expect in str(e.value) and '\n' not in str(e.value), (expect, str(e.value))
   # An image above the pixel limit is refused by predict from its header, as in training.
   bomb = tmp_path / 'bomb.png'
-  bomb.write_bytes(_png_header(20000, 20000))
+  bomb.write_bytes(hostile_files.png_header(20000, 20000))
   with pytest.raises(predict.PredictError, match='bomb.png is too large an image: .*50,000,000'):
     predict.make_transform(meta)(str(bomb))
   assert image_limits.MAX_PIXELS == 50_000_000
@@ -280,17 +281,3 @@ def test_hostile_archives_are_one_line(exported, tmp_path):
   assert '\x1b' not in r.stdout
   assert '\\x1b[2J\\x1b[31mcat' in r.stdout and 'dog\\nFAKE 1.0000' in r.stdout
   assert len(r.stdout.splitlines()) == 4
-
-
-def _png_header(width, height):
-  """A valid PNG header declaring width x height over a few bytes of data (a 'bomb')."""
-  import struct  # pylint: disable=g-import-not-at-top
-  import zlib  # pylint: disable=g-import-not-at-top
-
-  def chunk(kind, data):
-    return struct.pack('>I', len(data)) + kind + data + struct.pack(
-        '>I', zlib.crc32(kind + data) & 0xffffffff)
-
-  ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
-  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
-          + chunk(b'IEND', b''))
