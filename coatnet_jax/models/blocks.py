@@ -296,7 +296,7 @@ def attend(q, k, v, bias, implementation: str = 'xla'):
       return jax.nn.dot_product_attention(q, k, v, bias=bias[None].astype(q.dtype), scale=1.0,
                                           implementation='cudnn')
     except (ValueError, NotImplementedError, RuntimeError, TypeError):
-      pass
+      pass  # cuDNN refused this shape or version while tracing: the XLA form below, same math.
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32) + bias[None]
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
