@@ -36,6 +36,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from coatnet_jax import optim
+from coatnet_jax import sharding
 
 # Bump when the parameter tree a (variant, switches, num_classes) builds changes meaning.
 ARCHITECTURE_VERSION = 1
@@ -234,12 +235,6 @@ def _set_aside(workdir: str, step: int, why: str) -> None:
     shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), dest)
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
 def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[dict] = None,
                    allow_partial: bool = False, init_fn=None):
   """(state, metadata) of the newest intact checkpoint on ``shardings``, or (None, None).
@@ -286,7 +281,7 @@ def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[d
       reader.close()
     for s, why in damaged:
       _set_aside(workdir, s, why)
-    _sync('coatnet_checkpoint_fallback')
+    sharding.barrier('coatnet_checkpoint_fallback')
     logging.info('Restored step %d from %s%s%s.', step, checkpoint_dir(workdir),
                  f' after skipping damaged step(s) {[s for s, _ in damaged]}' if damaged else '',
                  '' if saved is not None else ' (its arrays; its metadata is unreadable)')

@@ -86,3 +86,12 @@ def global_batch(local_batch: dict, mesh) -> dict:
   """Process-local numpy arrays -> one global jax.Array per key, split over ('data', 'fsdp')."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Every process waits here, on the coordination service (not a collective): a collective must
+  not start while another process still compiles or reads, since Gloo (CPU) gives up on its peers
+  after 30 s. jax has no public API for this barrier; its own serialization uses it."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1 and distributed.global_state.client is not None:
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)

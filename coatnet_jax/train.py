@@ -288,15 +288,6 @@ def _model_macs(model, image_size) -> Optional[int]:
     return None
 
 
-def _barrier(name: str, timeout_s: int = 3600) -> None:
-  """Every process waits here, on the coordination service (not a collective): the first step's
-  collective must not start while another process still compiles, since Gloo (CPU) gives up on
-  its peers after 30 s. jax has no public API for this barrier; its own serialization uses it."""
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  if jax.process_count() > 1 and distributed.global_state.client is not None:
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
-
-
 class NonFiniteLossError(FloatingPointError):
   pass
 
@@ -578,7 +569,7 @@ def _train_and_evaluate(config, workdir: str, info, num_classes: int) -> dict:
       config, eval_batch, num_classes, batch_sharding, with_mask=True)).compile()
   compile_s = time.perf_counter() - t0
   logging.info('Compiled the train and eval steps in %.1f s.', compile_s)
-  _barrier('coatnet_compiled')
+  sharding.barrier('coatnet_compiled')
 
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.get('tensorboard', True))
   writer.write(start_step, {'compile_s': compile_s, 'data/skipped_images': info.skipped_images})
