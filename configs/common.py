@@ -71,6 +71,9 @@ def get_base_config():
   c.data.eval_resize_method = 'bicubic'  # Eval resize, antialiased.
   c.data.shuffle_buffer = 50_000  # Examples; the TFRecord sources' per-epoch seeded shuffle.
   c.data.max_shift = 0  # Digits only: random translation in pixels.
+  c.data.multi_label = True  # TFRecords only: multi-hot float32 labels; False: the first, int32.
+  # Class folders without split folders only: train/val/test percentages of the path-hash split.
+  c.data.split_percent = (80, 10, 10)
   # Train view of the TF sources (data/streams.py): Inception crop of an area fraction and aspect
   # ratio drawn from these ranges (tiles keep their scale cue with a narrow area range), random
   # left-right flip, up-down flip and rotation by k x 90 degrees (for images with no up).

@@ -108,8 +108,9 @@ def test_recomputed_statistics_equal_brute_force_population_on_a_2_device_mesh()
 def test_batchnorm_batches_are_the_eval_view_of_the_train_split():
   """Digits: the batches hold the unshifted train images (eval pixels), in the train order."""
   from coatnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from coatnet_jax.data import digits  # pylint: disable=g-import-not-at-top
   config = _config()
-  images, _ = input_pipeline._digits_arrays(16, 'train')  # pylint: disable=protected-access
+  images, _ = digits.arrays(16, 'train')
   recal = next(input_pipeline.batchnorm_iterator(config.data, 8, seed=0))
   train = next(input_pipeline.train_iterator(config.data, 8, seed=0))
   np.testing.assert_array_equal(recal['label'], train['label'])

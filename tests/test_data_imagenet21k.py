@@ -6,13 +6,13 @@ import json
 import os
 import tarfile
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from configs import common
 from coatnet_jax import input_pipeline
 from coatnet_jax.data import imagenet21k
 import hostile_files
@@ -25,6 +25,11 @@ SYNSETS = ('n01440764', 'n01443537', 'n02084071')
 class TinyIn21k(imagenet21k.Imagenet21k):
   """The real builder with a held-out share large enough for 12 images."""
   held_out_per_mille = 250
+
+
+class TinyLimitIn21k(TinyIn21k):
+  """With a file limit of 60,000 bytes: a 2 GiB member, scaled down."""
+  max_file_bytes = 60_000
 
 
 def _jpeg(seed, mode='RGB', fmt='JPEG'):
@@ -111,7 +116,8 @@ def test_builder_both_layouts(tmp_path, layout):
   with open(os.path.join(b.data_dir, 'metadata.json')) as f:
     assert json.load(f)['converted'] == 2
   # And the training pipeline reads it by name.
-  c = ml_collections.ConfigDict(dict(
+  c = common.get_base_config().data
+  c.update(dict(
       name='tiny_in21k', data_dir=data_dir, train_split='train', eval_split='validation',
       image_size=32, crop_fraction=0.875, shuffle_buffer=4,
       randaugment={'num_layers': 0, 'magnitude': 0}))
@@ -149,9 +155,7 @@ def test_missing_release_is_one_line(tmp_path):
       imagenet21k.Release(d)
     assert '\n' not in str(e.value) and d in str(e.value) and 'coatnet_jax.data.imagenet21k' in str(
         e.value)
-def test_hostile_release_is_skipped_counted_and_named(tmp_path, monkeypatch):
-  from coatnet_jax.data import image_limits  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(image_limits, 'MAX_FILE_BYTES', 60_000)  # A 2 GiB member, scaled down.
+def test_hostile_release_is_skipped_counted_and_named(tmp_path):
   root = tmp_path / 'release'
   os.makedirs(root)
   for s in SYNSETS:
@@ -175,7 +179,7 @@ def test_hostile_release_is_skipped_counted_and_named(tmp_path, monkeypatch):
     d.type = tarfile.DIRTYPE
     t.addfile(d)
   (root / 'n00000005.tar').write_bytes(empty.getvalue())  # No image member: not a class.
-  b = TinyIn21k(data_dir=str(tmp_path / 'data'))
+  b = TinyLimitIn21k(data_dir=str(tmp_path / 'data'))
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
   meta = b.info.metadata
   assert b.info.features['label'].names == sorted(SYNSETS + ('n00000003',))

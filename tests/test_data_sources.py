@@ -7,12 +7,12 @@ import json
 import os
 import shutil
 
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
+from configs import common
 from coatnet_jax import input_pipeline
 from coatnet_jax.data import folders
 from coatnet_jax.data import tfrecords
@@ -67,10 +67,17 @@ def folder_root(tmp_path_factory):
   return str(root)
 
 
+def _data_config(**kw):
+  """The base config's data fields, with ``kw`` set."""
+  c = common.get_base_config().data
+  c.update(kw)
+  return c
+
+
 def _folder_config(root, **kw):
-  c = ml_collections.ConfigDict(dict(
+  c = _data_config(
       name='folders', data_dir=root, train_split='train', eval_split='val', image_size=32,
-      crop_fraction=0.875, shuffle_buffer=8, randaugment={'num_layers': 2, 'magnitude': 15}))
+      crop_fraction=0.875, shuffle_buffer=8, randaugment={'num_layers': 2, 'magnitude': 15})
   c.update(kw)
   return c
 
@@ -129,8 +136,8 @@ def test_missing_or_empty_data_is_one_line(tmp_path):
     with pytest.raises(input_pipeline.DataNotFoundError) as e:
       input_pipeline.get_info(_folder_config(root))
     assert '\n' not in str(e.value) and root in str(e.value)
-  c = ml_collections.ConfigDict(dict(name='tfrecords', data_dir=str(tmp_path),
-                                     train_split='train-*', eval_split='val-*', num_classes=5))
+  c = _data_config(name='tfrecords', data_dir=str(tmp_path), train_split='train-*',
+                   eval_split='val-*', num_classes=5)
   with pytest.raises(input_pipeline.DataNotFoundError, match='train-'):
     input_pipeline.get_info(c)
 
@@ -161,7 +168,7 @@ def flat_root(tmp_path_factory):
 
 
 def _flat_splits(root, **kw):
-  source = folders.Source(_folder_config(str(root), **kw))
+  source = folders.Reader(_folder_config(str(root), **kw))
   return source, {s: {os.path.relpath(p, root): int(l) for p, l in zip(*source.files(s))}
                   for s in ('train', 'val', 'test')}
 
@@ -232,10 +239,10 @@ def jft_dir(tmp_path_factory):
 
 
 def _jft_config(d, **kw):
-  c = ml_collections.ConfigDict(dict(
+  c = _data_config(
       name='tfrecords', data_dir=d, train_split='train-*.tfrecord', eval_split='val-*.tfrecord',
       num_classes=10, image_size=32, crop_fraction=0.875, shuffle_buffer=4,
-      randaugment={'num_layers': 2, 'magnitude': 5}))
+      randaugment={'num_layers': 2, 'magnitude': 5})
   c.update(kw)
   return c
 
@@ -315,7 +322,7 @@ def test_hostile_class_folders(folder_root, tmp_path):
   info = input_pipeline.get_info(c)
   assert info.class_names == ('class_0', 'class_1', 'class_2')
   assert (info.train_size, info.skipped_images) == (25, 2)  # + the WebP; truncated and bomb.
-  paths = list(folders.Source(c).files('train')[0])
+  paths = list(folders.Reader(c).files('train')[0])
   assert any(p.endswith('photo.webp') for p in paths) and not any('bomb' in p for p in paths)
   assert '10000x8000' in image_limits.too_large(hostile_files.png_header(10000, 8000))
   assert '50,000,000' in image_limits.too_large(hostile_files.png_header(20000, 20000))

@@ -213,6 +213,7 @@ def test_predict_on_digit_files_agrees_with_the_runs_eval_on_every_example(pretr
   """The quickstart's 359 test digits as 8x8 PNG files through export + predict: the archive
   records the run's eval transform (nearest upsampling, no crop), so every prediction is the
   run's own, and their accuracy is the run's logged eval/top1."""
+  from coatnet_jax.data import digits as digits_source  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   from coatnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -222,7 +223,7 @@ def test_predict_on_digit_files_agrees_with_the_runs_eval_on_every_example(pretr
   # The test split's original 8x8 digits (values 0..16 -> 0..255), identified by their pixels.
   digits = datasets.load_digits()
   eight = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-  images32, labels = input_pipeline._digits_arrays(32, 'test')  # pylint: disable=protected-access
+  images32, labels = digits_source.arrays(32, 'test')
   by_pixels = {e.tobytes(): e for e in eight}
   paths = []
   for i, image in enumerate(images32):

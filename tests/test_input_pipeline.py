@@ -4,26 +4,28 @@ import subprocess
 import sys
 import os
 
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import common
 from coatnet_jax import input_pipeline
+from coatnet_jax.data import digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _digits_config(**kw):
-  c = ml_collections.ConfigDict(dict(name='digits', image_size=32, train_split='train',
-                                     eval_split='test', max_shift=0))
+  c = common.get_base_config().data
+  c.update(dict(name='digits', image_size=32, train_split='train', eval_split='test',
+                max_shift=0))
   c.update(kw)
   return c
 
 
 def test_digits_split_is_fixed_disjoint_and_complete():
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  train_x, train_y = input_pipeline._digits_arrays(8, 'train')
-  test_x, test_y = input_pipeline._digits_arrays(8, 'test')
+  train_x, train_y = digits.arrays(8, 'train')
+  test_x, test_y = digits.arrays(8, 'test')
   assert len(train_y) + len(test_y) == 1797
   assert 0.19 < len(test_y) / 1797 < 0.21
   assert train_x.dtype == np.uint8 and train_x.shape[1:] == (8, 8, 3)
@@ -34,9 +36,9 @@ def test_digits_split_is_fixed_disjoint_and_complete():
   ours = sorted((im[..., 0].tobytes(), int(l)) for im, l in
                 zip(np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y])))
   assert ours == orig
-  again_x, _ = input_pipeline._digits_arrays(8, 'test')
+  again_x, _ = digits.arrays(8, 'test')
   np.testing.assert_array_equal(again_x, test_x)
-  big, _ = input_pipeline._digits_arrays(32, 'test')
+  big, _ = digits.arrays(32, 'test')
   np.testing.assert_array_equal(big[:, ::4, ::4], test_x)  # Nearest upsampling.
 
 
@@ -48,8 +50,7 @@ def test_exact_eval_sees_every_example_once(n, global_batch, processes):
   labels = np.arange(n, dtype=np.int32)
   seen, counts = [], []
   for p in range(processes):
-    batches = list(input_pipeline.in_memory_eval_iterator(
-        images, labels, global_batch, process_index=p, process_count=processes))
+    batches = list(digits.padded_batches(images, labels, global_batch, p, processes))
     counts.append(len(batches))
     for b in batches:
       assert len(b['label']) == global_batch // processes

@@ -70,7 +70,7 @@ def test_evaluate_export_and_predict_agree_with_the_runs_eval_on_every_example(
     preds.append(np.argmax(np.asarray(logits), -1)[real])
     labels.append(batch['label'][real])
   preds, labels = np.concatenate(preds), np.concatenate(labels)
-  paths, want_labels = folders.Source(pre.config.data).files('test')  # The eval order.
+  paths, want_labels = folders.Reader(pre.config.data).files('test')  # The eval order.
   assert sorted(os.path.relpath(p, faces) for p in paths) == test_files
   np.testing.assert_array_equal(labels, want_labels)
   for i, t in enumerate(CLASSES):

@@ -13,6 +13,7 @@ import ml_collections  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow_datasets as tfds
 
+from configs import common
 from coatnet_jax import input_pipeline
 
 
@@ -41,7 +42,8 @@ class TinyJpegs(tfds.core.GeneratorBasedBuilder):
 
 def main(data_dir):
   TinyJpegs(data_dir=data_dir).download_and_prepare()
-  c = ml_collections.ConfigDict(dict(
+  c = common.get_base_config().data
+  c.update(dict(
       name='tiny_jpegs', data_dir=data_dir, train_split='train', eval_split='validation',
       image_size=32, crop_fraction=0.875, shuffle_buffer=16,
       randaugment={'num_layers': 2, 'magnitude': 15}))

@@ -63,7 +63,8 @@ def main(workdir, mesh):
       jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(shardings.params))
              if any(x is not None for x in s.spec)]
 
-  images, labels = input_pipeline._digits_arrays(32, 'test')  # pylint: disable=protected-access
+  from coatnet_jax.data import digits  # pylint: disable=g-import-not-at-top
+  images, labels = digits.arrays(32, 'test')
   variables = {'params': jax.device_get(state.params),
                'batch_stats': jax.device_get(state.batch_stats)}
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(

@@ -1,9 +1,14 @@
 """Dataset sources, builders and transforms behind ``coatnet_jax.input_pipeline``.
 
-One module per concern. Every module here except this one imports TensorFlow at its top, so only
-``input_pipeline`` imports them, and only inside the functions that need them: the quickstart, the
-model and the step never load TensorFlow.
+One module per concern. The contract and the digits are plain numpy; every other module imports
+TensorFlow at its top, so only the TF sources' readers import them, and only when a TF source
+first reads data: the quickstart, the model and the step never load TensorFlow.
 
+  source.py       the contract every source implements (DataSource), DatasetInfo (no TF)
+  digits.py       sklearn's digits in memory, the quickstart's source (no TF)
+  tf_source.py    the TF sources' shared implementation of the contract over a record Reader
+                  (imports TF only when data is first read)
+  image_limits.py the one pixel and byte limit per image file (PIL only)
   transforms.py   decode, Inception crop, flip, eval resize/crop (TF, stateless, per-example seeds)
   randaugment.py  RandAugment(N, M), the TF EfficientNet operation list, stateless
   streams.py      the deterministic (seed, epoch, position) train stream and exact padded eval
@@ -13,7 +18,6 @@ model and the step never load TensorFlow.
   imagenet21k.py  the TFDS builder for the ImageNet-21K release (fall11 / winter21)
   prepare.py      ``python -m coatnet_jax.data.prepare NAME``: a TFDS builder from its manual files
 """
-
 
 class DataNotFoundError(FileNotFoundError):
   """A dataset that is missing, empty or unprepared. The message is one line that names the path

@@ -23,7 +23,7 @@ index.
 
 Every image is decoded once when a split is first listed (small data: seconds); files that do not
 decode (truncated, not an image) are left out of the split, logged by name and counted
-(``Source.skipped``), so that the stream positions, and with them bit-exact resume, do not
+(``Reader.skipped``), so that the stream positions, and with them bit-exact resume, do not
 depend on failures at training time. CMYK and grey JPEGs and PNG bytes under a .JPEG name
 decode fine and stay. Files above ``image_limits`` (declared bytes, or pixels in the header) are
 refused before decoding and counted the same way.
@@ -138,14 +138,15 @@ def _log_ignored(ignored):
                     len(ignored), ', '.join(EXTENSIONS), ignored[0])
 
 
-class Source:
-  """Lists files once per split; everything else is index arithmetic."""
+class Reader:
+  """``tf_source.Reader`` for class folders: lists files once per split; everything else is index
+  arithmetic."""
 
   def __init__(self, config):
     self.config = config
-    self.root = config.get('data_dir') or ''
+    self.root = config.data_dir or ''
     self.flat = _is_flat(self.root, config.train_split)
-    self._ranges = _split_ranges(config.get('split_percent', (80, 10, 10))) if self.flat else None
+    self._ranges = _split_ranges(config.split_percent) if self.flat else None
     self.classes = _classes(self.root if self.flat else
                             os.path.join(self.root, config.train_split))
     self.num_classes = len(self.classes)
@@ -252,6 +253,3 @@ class Source:
 
   def prepare_label(self, label):
     return tf.cast(label, tf.int32)
-
-  def blank_label(self):
-    return tf.constant(0, tf.int32)

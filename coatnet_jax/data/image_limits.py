@@ -44,8 +44,9 @@ def too_large(source) -> Optional[str]:
   return None
 
 
-def too_many_bytes(size: int) -> Optional[str]:
-  if size > MAX_FILE_BYTES:
-    return (f'{size:,} bytes, above the limit of {MAX_FILE_BYTES:,} per image '
+def too_many_bytes(size: int, limit: int = MAX_FILE_BYTES) -> Optional[str]:
+  """Why a file of ``size`` bytes is refused, or None; ``limit`` lower only to test the refusal."""
+  if size > limit:
+    return (f'{size:,} bytes, above the limit of {limit:,} per image '
             f'(coatnet_jax.data.image_limits)')
   return None

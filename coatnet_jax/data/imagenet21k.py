@@ -85,10 +85,12 @@ def _synset(name: str):
 
 
 class Release:
-  """The manual directory, in either layout; yields (synset, file name, bytes) as a stream."""
+  """The manual directory, in either layout; yields (synset, file name, bytes) as a stream of the
+  members within ``max_file_bytes``."""
 
-  def __init__(self, manual_dir):
+  def __init__(self, manual_dir, max_file_bytes=image_limits.MAX_FILE_BYTES):
     self.manual_dir = manual_dir
+    self.max_file_bytes = max_file_bytes
     self.refused = []  # Each refused member once, however many passes read it.
     self.bad_archives = {}  # path -> why (not a regular file, empty, corrupt, truncated).
     self.too_large = []  # 'synset/name: why' of members above image_limits.
@@ -174,7 +176,8 @@ class Release:
           if not self._accept(m, where):
             continue
           name = posixpath.basename(m.name)
-          too_large = image_limits.too_many_bytes(m.size)  # Declared: nothing read yet.
+          # Declared: nothing read yet.
+          too_large = image_limits.too_many_bytes(m.size, self.max_file_bytes)
           if too_large:
             if f'{synset}/{name}' not in self.too_large:
               logging.warning('Skipping %s/%s: %s.', synset, name, too_large)
@@ -224,6 +227,7 @@ class Imagenet21k(tfds.core.GeneratorBasedBuilder):
       'https://image-net.org, put it (or its per-synset nXXXXXXXX.tar files) in the manual '
       f'directory and run: {PREPARE}')
   held_out_per_mille = HELD_OUT_PER_MILLE
+  max_file_bytes = image_limits.MAX_FILE_BYTES
 
   def _info(self):
     return tfds.core.DatasetInfo(
@@ -239,7 +243,7 @@ class Imagenet21k(tfds.core.GeneratorBasedBuilder):
         metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    release = Release(dl_manager.manual_dir)
+    release = Release(dl_manager.manual_dir, self.max_file_bytes)
     self.info.features['label'].names = release.synsets
     n = len(release.synsets)
     self.info.metadata.update({

@@ -26,7 +26,7 @@ PREPARE = {
 
 
 def builder(config):
-  name, data_dir = config.name, config.get('data_dir')
+  name, data_dir = config.name, config.data_dir
   if config.name == 'imagenet21k':
     from coatnet_jax.data import imagenet21k  # pylint: disable=g-import-not-at-top,unused-import
   try:
@@ -119,14 +119,16 @@ def ordered(b, split):
   return b.as_dataset(split=split, shuffle_files=False, decoders=_decoders())
 
 
-class Source:
-  """The interface ``input_pipeline`` uses for every source (see folders.py, tfrecords.py)."""
+class Reader:
+  """``tf_source.Reader`` for a TFDS dataset."""
 
   def __init__(self, config):
     self.config = config
     self.builder = builder(config)
     label = self.builder.info.features['label']
-    self.num_classes = config.get('num_classes') or label.num_classes
+    self.num_classes = config.num_classes or label.num_classes
+    self.classes = ()  # Unnamed: ImageNet's names are synset ids; per-class metrics are for few.
+    self.skipped = {}  # TFDS builders leave undecodable images out when they prepare the data.
 
   def size(self, split):
     return num_examples(self.builder, split)
@@ -147,6 +149,3 @@ class Source:
 
   def prepare_label(self, label):
     return tf.cast(label, tf.int32)
-
-  def blank_label(self):
-    return tf.constant(0, tf.int32)

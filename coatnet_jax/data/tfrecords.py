@@ -16,7 +16,7 @@ otherwise the files are counted once at start (a full read). Write it once with
   python -m coatnet_jax.data.tfrecords --write_counts 'DIR/train-*.tfrecord'
 and write records with ``make_example``. The same command decodes every image once and lists
 the records that do not decode in ``bad_records.json`` ({file name: [record index]}); readers
-leave those records out before positions are assigned and count them (``Source.skipped``).
+leave those records out before positions are assigned and count them (``Reader.skipped``).
 Without that file, an undecodable record is found at training time, logged, and its stream
 position filled by the next decodable example (``streams.train_dataset``): positions never
 shift, so bit-exact resume holds either way; only the count is then not known in advance.
@@ -125,19 +125,20 @@ def _read_counts(sidecar):
   return _COUNT_CACHE[sidecar]
 
 
-class Source:
-  """The interface ``input_pipeline`` uses; see ``folders.Source`` for the same shape."""
+class Reader:
+  """``tf_source.Reader`` for TFRecords by glob."""
 
   def __init__(self, config):
     self.config = config
-    self.num_classes = config.get('num_classes')
+    self.num_classes = config.num_classes
     if not self.num_classes:
       raise ValueError('data.num_classes must be set for TFRecord data.')
-    self.multi_label = config.get('multi_label', True)
+    self.multi_label = config.multi_label
+    self.classes = ()  # The schema carries label ids only.
     self.skipped = {}  # split -> records listed in bad_records.json.
 
   def _files(self, split):
-    return files(self.config.get('data_dir'), split)
+    return files(self.config.data_dir, split)
 
   def size(self, split):
     paths = self._files(split)
@@ -183,11 +184,6 @@ class Source:
       return tf.cast(labels[0], tf.int32)
     hot = tf.one_hot(labels, self.num_classes, dtype=tf.float32)
     return tf.reduce_max(tf.concat([hot, tf.zeros([1, self.num_classes])], 0), 0)
-
-  def blank_label(self):
-    if not self.multi_label:
-      return tf.constant(0, tf.int32)
-    return tf.zeros([self.num_classes], tf.float32)
 
 
 def _find_bad(path):
