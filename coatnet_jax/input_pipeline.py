@@ -31,8 +31,6 @@ from coatnet_jax.data import digits
 from coatnet_jax.data import source
 from coatnet_jax.data import tf_source
 
-Batch = source.Batch
-
 # ImageNet statistics in 0..255 pixel units; the digits use them too, so one code path serves all.
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -83,7 +81,7 @@ def label_spec(config, num_classes: int):
 
 
 def train_iterator(config, global_batch: int, *, seed: int, process_index: int = 0,
-                   process_count: int = 1, start_step: int = 0) -> Iterator[Batch]:
+                   process_count: int = 1, start_step: int = 0) -> Iterator[source.Batch]:
   """An endless iterator of this process's share of each global training batch.
 
   A pure function of (config, seed, process, step): ``start_step=k`` yields exactly the batches
@@ -95,7 +93,7 @@ def train_iterator(config, global_batch: int, *, seed: int, process_index: int =
 
 
 def batchnorm_iterator(config, global_batch: int, *, seed: int, process_index: int = 0,
-                       process_count: int = 1) -> Iterator[Batch]:
+                       process_count: int = 1) -> Iterator[source.Batch]:
   """Batches of the train split in the train stream's shuffled order, through the EVAL
   transform (no augmentation), for BatchNorm's population statistics (batchnorm_stats.py)."""
   return data_source(config).train_iterator(
@@ -104,7 +102,7 @@ def batchnorm_iterator(config, global_batch: int, *, seed: int, process_index: i
 
 
 def eval_iterator(config, global_batch: int, *, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[Batch]:
+                  process_count: int = 1) -> Iterator[source.Batch]:
   """One pass over the eval split; the same number of batches on every process, padding masked."""
   return data_source(config).eval_iterator(global_batch, process_index=process_index,
                                            process_count=process_count)

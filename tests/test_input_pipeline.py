@@ -1,8 +1,9 @@
 """The data interface: the digits split, exact padded evaluation, resumable order, TFDS."""
 
+import json
+import os
 import subprocess
 import sys
-import os
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from configs import common
 from coatnet_jax import input_pipeline
 from coatnet_jax.data import digits
+from coatnet_jax.data import source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,6 +87,40 @@ def test_normalize_is_the_one_place():
   out = np.asarray(input_pipeline.normalize(x))
   want = (255 - np.array(input_pipeline.MEAN_RGB)) / np.array(input_pipeline.STDDEV_RGB)
   np.testing.assert_allclose(out[0, 0, 0], want, rtol=1e-6)
+
+
+def test_every_source_keeps_the_contract_and_answers_its_spec_without_data():
+  """Every source of the table, and the TFDS fallback, is a DataSource; the label spec and the
+  eval protocol (ahead-of-time compile, export) come from the config alone: no file read, no
+  TensorFlow imported, however absent the data."""
+  code = """if True:
+    import json, sys
+    import numpy as np
+    from configs import common
+    from coatnet_jax import input_pipeline
+    from coatnet_jax.data import source
+    out = {}
+    for name in list(input_pipeline.SOURCES) + ['imagenet2012']:
+      c = common.get_base_config().data
+      c.update(dict(name=name, data_dir='/nonexistent', num_classes=7))
+      s = input_pipeline.data_source(c)
+      assert isinstance(s, source.DataSource), name
+      shape, dtype = s.label_spec(7)
+      out[name] = [list(shape), np.dtype(dtype).name, s.eval_protocol()]
+    out['tf_imported'] = 'tensorflow' in sys.modules
+    print(json.dumps(out))
+  """
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.splitlines()[-1])
+  assert out.pop('tf_imported') is False
+  crop = {'crop_fraction': 0.875, 'resize_method': 'bicubic'}
+  assert out == {'digits': [[], 'int32', {'crop_fraction': None, 'resize_method': 'nearest'}],
+                 'tfrecords': [[7], 'float32', crop], 'folders': [[], 'int32', crop],
+                 'imagenet2012': [[], 'int32', crop]}
+  assert not isinstance(object(), source.DataSource)
 
 
 def test_tfds_source_on_disk_and_mock_data(tmp_path):

@@ -1,8 +1,8 @@
 """Dataset sources, builders and transforms behind ``coatnet_jax.input_pipeline``.
 
-One module per concern. The contract and the digits are plain numpy; every other module imports
-TensorFlow at its top, so only the TF sources' readers import them, and only when a TF source
-first reads data: the quickstart, the model and the step never load TensorFlow.
+One module per concern. source.py, digits.py, tf_source.py and image_limits.py import no
+TensorFlow; every other module imports it at its top, so ``tf_source`` imports them only when a TF
+source first reads data: the quickstart, the model, the step and export never load TensorFlow.
 
   source.py       the contract every source implements (DataSource), DatasetInfo (no TF)
   digits.py       sklearn's digits in memory, the quickstart's source (no TF)

@@ -15,7 +15,7 @@ RGB, ``label`` of ``label_spec``, and for evaluation ``mask`` (1 a real example,
 
 import dataclasses
 import math
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class DatasetInfo:
   class_names: tuple = ()  # Label i's name, for per-class metrics; () where the data has none.
 
 
+@runtime_checkable
 class DataSource(Protocol):
   """One dataset behind ``input_pipeline``, built from ``config.data`` alone: building it reads
   nothing and imports no TensorFlow; the methods that need data do (module docstring)."""
