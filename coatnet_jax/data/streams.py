@@ -92,7 +92,8 @@ def _fill_gaps(last, element):
 
 def eval_dataset(examples, local_sizes, local_batch, *, transform, prepare_label, image_size,
                  blank_label):
-  """One pass over ``examples`` (this process's part), padded to the batches of the largest part."""
+  """One pass over ``examples`` (this process's part), padded to the batches of the largest part
+  with blank images labelled ``blank_label`` (zeros of the source's label spec) and mask 0."""
   batches = max(1, -(-max(local_sizes) // local_batch))
 
   @tf.autograph.experimental.do_not_convert

@@ -127,7 +127,7 @@ class Reader:
     self.builder = builder(config)
     label = self.builder.info.features['label']
     self.num_classes = config.num_classes or label.num_classes
-    self.classes = ()  # Unnamed: ImageNet's names are synset ids; per-class metrics are for few.
+    self.classes = ()  # Unnamed: ImageNet's TFDS names are synset ids, no use to per-class metrics.
     self.skipped = {}  # TFDS builders leave undecodable images out when they prepare the data.
 
   def size(self, split):
