@@ -14,7 +14,9 @@ model and the step never load TensorFlow.
   prepare.py      ``python -m coatnet_jax.data.prepare NAME``: a TFDS builder from its manual files
 """
 
+from coatnet_jax import errors
 
-class DataNotFoundError(FileNotFoundError):
+
+class DataNotFoundError(errors.UserError, FileNotFoundError):
   """A dataset that is missing, empty or unprepared. The message is one line that names the path
   and the command that prepares it; ``main`` can print it alone instead of a traceback."""

@@ -28,7 +28,6 @@ temporary file beside ``--out`` and renamed, so ``--out`` is either complete or 
 
 import json
 import os
-import sys
 import tempfile
 import zipfile
 
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coatnet_jax import archive_checks
+from coatnet_jax import errors
 from coatnet_jax import input_pipeline
 from coatnet_jax import models
 from coatnet_jax import pretrained
@@ -67,7 +67,7 @@ _PLATFORMS = flags.DEFINE_list(
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
-class ExportError(ValueError):
+class ExportError(errors.UserError):
   """An export that cannot be made; the message is one line."""
 
 
@@ -129,7 +129,7 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
   except Exception as e:  # pylint: disable=broad-except
     raise ExportError(f'Lowering for {",".join(platforms)} failed: '
-                      f'{" ".join(str(e).split())[:400]}') from e
+                      f'{errors.one_line(e)[:400]}') from e
   protocol = input_pipeline.eval_protocol(config.data)
   meta = {
       'format': FORMAT,
@@ -207,18 +207,15 @@ def check_writable(out: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   out = _OUT.value
-  try:
-    check_writable(out)
-    pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
-    if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
-      raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
-    exported, variables, meta = export(pre, _RES.value, [p.strip() for p in _PLATFORMS.value],
-                                       _DTYPE.value)
-    write_archive(out, exported, variables, meta)
-  except (pretrained.InitError, ExportError, OSError, ValueError) as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
+  check_writable(out)
+  pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
+  if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
+    raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
+  exported, variables, meta = export(pre, _RES.value, [p.strip() for p in _PLATFORMS.value],
+                                     _DTYPE.value)
+  write_archive(out, exported, variables, meta)
   logging.info('Exported %s (step %d, %s weights) at %d px for %s to %s.', pre.path, pre.step,
                pre.weights, meta['res'], ','.join(meta['platforms']), out)
   print(f'{out}: {meta["model"]} at {meta["res"]} px, {meta["num_classes"]} classes, step '
@@ -227,4 +224,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, user_errors=(OSError, ValueError))
