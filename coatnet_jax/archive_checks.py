@@ -13,6 +13,8 @@ import hashlib
 import math
 import zipfile
 
+from coatnet_jax import errors
+
 MAX_META_BYTES = 4 * 2**20  # 21,841 class names take about 0.3 MiB.
 MAX_COMPRESSION_RATIO = 100  # Float weights deflate by ~1.1x; a zip bomb by ~1000x.
 MAX_CLASS_NAME_CHARS = 1000
@@ -21,7 +23,7 @@ RESIZE_METHODS = ('bilinear', 'bicubic', 'area', 'lanczos3', 'lanczos5', 'gaussi
                   'mitchellcubic', 'nearest')
 
 
-class ArchiveError(ValueError):
+class ArchiveError(errors.UserError):
   """An export archive that cannot be trusted; the message is one line."""
 
 

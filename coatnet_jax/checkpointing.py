@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
 import shutil
 import threading
 import time
@@ -35,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from coatnet_jax import errors
 from coatnet_jax import optim
 from coatnet_jax import sharding
 
@@ -47,7 +47,7 @@ _REQUIRED = ('commit_success.txt', '_CHECKPOINT_METADATA', 'state/_METADATA',
              'state/manifest.ocdbt', 'state/commit_success.txt', 'metadata/metadata')
 
 
-class CheckpointError(Exception):
+class CheckpointError(errors.UserError):
   """A checkpoint problem the user must act on; its message is one line."""
 
 
@@ -146,13 +146,13 @@ WAIT_TIMEOUT_S = 600.0
 def wait(manager: ocp.CheckpointManager, timeout_s: Optional[float] = None) -> None:
   """Waits for the pending save; an error in it (disk full, ...) is raised here, one line."""
   timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
-  errors = []
+  failed = []
 
   def run():
     try:
       manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      errors.append(e)
+      failed.append(e)
 
   waiter = threading.Thread(target=run, daemon=True, name='coatnet_checkpoint_wait')
   waiter.start()
@@ -160,19 +160,8 @@ def wait(manager: ocp.CheckpointManager, timeout_s: Optional[float] = None) -> N
   if waiter.is_alive():
     raise CheckpointError(f'The checkpoint save did not finish within {timeout_s:.0f} s (a hung '
                           f'or failed write; check free disk space and the log above).')
-  if errors:
-    raise CheckpointError(one_line(errors[0])) from errors[0]
-
-
-def one_line(e: BaseException) -> str:
-  """The exception on one line, its OS error first (TensorStore buries it at the end)."""
-  text = ' '.join(f'{type(e).__name__}: {e}'.split())
-  code = getattr(e, 'errno', None)
-  if code is None:
-    found = re.search(r"os_error_code='(\d+)'", text)
-    code = int(found.group(1)) if found else None
-  prefix = f'{os.strerror(code)} (errno {code}): ' if code else ''
-  return prefix + (text if len(text) <= 400 else text[:400] + ' ...')
+  if failed:
+    raise CheckpointError(errors.describe(failed[0])) from failed[0]
 
 
 def latest_complete_step(workdir: str) -> Optional[int]:
@@ -257,7 +246,7 @@ def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[d
     except (OSError, ValueError) as e:
       # The arrays may still be whole: they are tried below against this config's shapes.
       logging.warning('Checkpoint step %d in %s has unreadable metadata (%s); trying its arrays '
-                      'against this config\'s model.', step, workdir, one_line(e))
+                      'against this config\'s model.', step, workdir, errors.describe(e))
       saved = None
     partial = False
     if expected is not None and saved is not None:
@@ -275,7 +264,7 @@ def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[d
               state=ocp.args.StandardRestore(target)))['state']
           jax.block_until_ready(state)
         except Exception as e:  # pylint: disable=broad-except
-          damaged.append((step, f'restore failed: {one_line(e)}'))
+          damaged.append((step, f'restore failed: {errors.describe(e)}'))
           continue
     finally:
       reader.close()

@@ -1,5 +1,6 @@
-"""What every command line shares: quiet start-up, --help that exits 0, one-line errors, and the
-``--config`` flag (any working directory, ``None`` overrides, clean messages for bad fields).
+"""What every command line shares: quiet start-up, --help that exits 0, the one error path
+(``errors.exit_on_user_error``) around flag parsing and ``main``, and the ``--config`` flag (any
+working directory, ``None`` overrides, one-line ``UserError``s for bad fields).
 
 Imported by each entry point before anything loads TensorFlow or probes JAX backends.
 """
@@ -16,6 +17,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
+
+from coatnet_jax import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELP = ('--help', '-h', '-?', '--helpshort', '--helpfull')
@@ -72,39 +75,34 @@ def import_tensorflow():
   return tf
 
 
-def one_line(text) -> str:
-  return ' '.join(str(text).split())
-
-
-def fail(message: str):
-  """The one line a user error prints; exit status 1."""
-  sys.exit(f'error: {one_line(message)}')
-
-
 def _help_requested(argv) -> bool:
   return any(a in HELP or a.split('=')[0] in HELP for a in argv[1:])
 
 
-def run(main, flags_parser=None):
-  """``app.run`` with quiet logs and ``--help`` that prints the flags and exits 0."""
+def run(main, flags_parser=None, user_errors=()):
+  """``app.run`` with quiet logs, ``--help`` that prints the flags and exits 0, and a
+  ``UserError`` from the flags or ``main`` (or one of ``user_errors``, the library exceptions the
+  command counts as bad input) printed as ``error:`` lines with exit status 1."""
   def parse(argv):
     if _help_requested(argv):
       for name in list(flags.FLAGS):  # Required flags must not stop the help text.
         flags.FLAGS[name].validators = []
       flags.FLAGS.unparse_flags()
       app.usage(shorthelp='--helpfull' not in argv, writeto_stdout=True, exitcode=0)
-    return (flags_parser or _parse_plain)(argv)
+    with errors.exit_on_user_error():
+      return (flags_parser or _parse_plain)(argv)
 
   def wrapped(argv):
     quiet_logs()
-    return main(argv)
+    with errors.exit_on_user_error(*user_errors):
+      return main(argv)
 
   app.run(wrapped, flags_parser=parse)
 
 
 def flag_error(e: Exception) -> str:
   """absl's flag error as a short reason ('--workdir is required', '--top=x: ...')."""
-  text = one_line(e)
+  text = errors.one_line(e)
   m = re.search(r'Flag (--\S+) must have a value other than None', text)
   if m:
     return f'{m.group(1)} is required; see --help.'
@@ -115,7 +113,7 @@ def _parse_plain(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(flag_error(e))
+    raise errors.UserError(flag_error(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +128,8 @@ def config_path(value: str) -> str:
       if os.path.exists(candidate):
         return candidate + sep + args
   if not os.path.exists(path):
-    fail(f'no config file {path} (from {os.getcwd()}, nor in {REPO}); give a configs/*.py file.')
+    raise errors.UserError(f'no config file {path} (from {os.getcwd()}, nor in {REPO}); give a '
+                           f'configs/*.py file.')
   return value
 
 
@@ -223,10 +222,10 @@ def parse_config_flags(argv, name='config'):
     m = re.match(r'flag --(\S+?)=(.*?): Error whilst parsing config file:(.*)', text, re.S)
     if m:
       given = found_given[1].partition(':')[0] if found_given else m.group(2)
-      fail(f'{given}: {_config_file_error(m.group(3))}')
-    fail(flag_error(e))
+      raise errors.UserError(f'{given}: {_config_file_error(m.group(3))}') from None
+    raise errors.UserError(flag_error(e)) from None
   except flags.Error as e:
-    fail(flag_error(e))
+    raise errors.UserError(flag_error(e)) from None
   except (AttributeError, KeyError) as e:  # An override of a field that is absent.
     detail = e.args[0] if e.args else ''
     detail = detail.args[0] if isinstance(detail, BaseException) and detail.args else detail
@@ -236,24 +235,23 @@ def parse_config_flags(argv, name='config'):
              if a.startswith(f'--{name}.') and re.search(rf'(^|\.){re.escape(field)}$',
                                                         a.split('=')[0][len(name) + 3:])]
     try:
-      config = _load_config(found[1] if found else '')
-      fail(_unknown_field(config, paths[0] if paths else field))
-    except SystemExit:
-      raise
+      problem = _unknown_field(_load_config(found[1] if found else ''),
+                               paths[0] if paths else field)
     except Exception:  # pylint: disable=broad-except
-      fail(f'unknown config field {paths[0] if paths else field}.')
+      problem = f'unknown config field {paths[0] if paths else field}.'
+    raise errors.UserError(problem) from None
   except Exception as e:  # pylint: disable=broad-except  # A config file that fails to load.
-    fail(f'{type(e).__name__}: {e}')
+    raise errors.UserError(f'{type(e).__name__}: {e}') from None
   if nones:
     config = flags.FLAGS[name].value
     for path in nones:
       try:
         parent, key = _field(config, path)
       except KeyError:
-        fail(_unknown_field(config, path))
+        raise errors.UserError(_unknown_field(config, path)) from None
       if not _nullable(parent, key):
-        fail(f'--{name}.{path}=None: this field cannot be None (its value is '
-             f'{parent[key]!r}).')
+        raise errors.UserError(f'--{name}.{path}=None: this field cannot be None (its value is '
+                               f'{parent[key]!r}).')
       with parent.unlocked():
         parent[key] = None
   return rest

@@ -11,13 +11,13 @@ last, the same as one JSON object.
 """
 
 import json
-import sys
 
 from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 from absl import flags
 from absl import logging
 import jax
 
+from coatnet_jax import errors
 from coatnet_jax import input_pipeline
 from coatnet_jax import models
 from coatnet_jax import pretrained
@@ -84,16 +84,13 @@ def evaluate(pre: pretrained.Pretrained, config) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
-  try:
-    pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
-    if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
-      raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
-    config = eval_config(pre, _RES.value, _SPLIT.value, _DATASET.value, _DATA_DIR.value,
-                         _BATCH.value, _DTYPE.value)
-    results = evaluate(pre, config)
-  except (pretrained.InitError, input_pipeline.DataNotFoundError, OSError, ValueError) as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
+  if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
+    raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
+  config = eval_config(pre, _RES.value, _SPLIT.value, _DATASET.value, _DATA_DIR.value,
+                       _BATCH.value, _DTYPE.value)
+  results = evaluate(pre, config)
   results = {'step': pre.step, 'weights': pre.weights, 'res': config.data.image_size,
              'split': config.data.eval_split, **results}
   logging.info('Evaluated %s: %s', pre.path, results)
@@ -104,4 +101,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, user_errors=(OSError, ValueError))

@@ -3,11 +3,10 @@
 Flags only: start the distributed runtime when several processes run, turn on the persistent
 compilation cache (a restart does not compile again), then hand over to ``train``. Errors the
 user must act on (bad config, model, dataset or workdir; a failed save; a NaN) end the process with
-one ``error: ...`` line and exit status 1, never a traceback.
+``error: ...`` lines (one per problem) and exit status 1, never a traceback (``errors``).
 """
 
 import os
-import sys
 
 from absl import flags
 from absl import logging
@@ -16,12 +15,8 @@ import jax
 from ml_collections import config_flags
 
 from coatnet_jax import checkpointing
-from coatnet_jax import pretrained
+from coatnet_jax import errors
 from coatnet_jax import train
-
-# Errors the user must act on: one line on stderr and exit status 1, never a traceback.
-_ONE_LINE_ERRORS = (train.InputError, train.NonFiniteLossError, checkpointing.CheckpointError,
-                    pretrained.InitError, OSError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A configs/*.py file, optionally with ":ARGS"; override fields with '
@@ -43,7 +38,7 @@ def _multi_process() -> bool:
 
 
 def _compilation_cache(config):
-  cache_dir = config.get('compilation_cache_dir')
+  cache_dir = config.compilation_cache_dir
   if cache_dir is None:
     cache_dir = os.path.join(os.path.expanduser('~'), '.cache', 'coatnet_jax', 'xla')
   if cache_dir:
@@ -55,10 +50,10 @@ def _compilation_cache(config):
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments {" ".join(argv[1:])}; flags are --config, --workdir, '
-             f'--config.a.b=VALUE.')
+    raise errors.UserError(f'unexpected arguments {" ".join(argv[1:])}; flags are --config, '
+                           f'--workdir, --config.a.b=VALUE.')
   if not _WORKDIR.value:
-    cli.fail('--workdir is required; see --help.')
+    raise errors.UserError('--workdir is required; see --help.')
   config = _CONFIG.value
   if _NUM_PROCESSES.value and _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -69,25 +64,21 @@ def main(argv):
                jax.process_count(), jax.local_device_count(), jax.device_count())
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
-  except _ONE_LINE_ERRORS as e:
-    message = ' '.join(str(e).split()) or type(e).__name__
-    if isinstance(e, OSError):
-      message = checkpointing.one_line(e)
-    if isinstance(e, checkpointing.CheckpointError):
-      # Orbax's writer threads of a failed save may never end: do not wait for them at exit.
-      sys.stdout.flush()
-      sys.stderr.write(f'error: {message}\n')
-      sys.stderr.flush()
-      os._exit(1)  # pylint: disable=protected-access
-    problems = getattr(e, 'problems', None)  # config_checks: every problem, one line each.
-    if problems:
-      sys.stderr.write(''.join(f'error: {" ".join(p.split())}\n' for p in problems[:-1]))
-      message = ' '.join(problems[-1].split())
-    sys.exit(f'error: {message}')
+  except checkpointing.CheckpointError as e:
+    # Orbax's writer threads of a failed save may never end: do not wait for them at exit.
+    errors.print_problems(e)
+    os._exit(1)  # pylint: disable=protected-access
+  except errors.UserError:
+    raise
+  except OSError as e:  # A workdir or dataset the OS refuses (permissions, a full disk, ...).
+    raise errors.UserError(errors.describe(e)) from e
+  except FloatingPointError as e:  # A non-finite loss or update: the message says what to do.
+    raise errors.UserError(e) from e
   except KeyboardInterrupt:  # A second Ctrl-C (the first saves and exits), or one before the loop.
-    sys.exit(f'error: interrupted by Ctrl-C; the newest complete checkpoint is step '
-             f'{checkpointing.latest_complete_step(_WORKDIR.value)}. Rerun the same command to '
-             f'resume from it.')
+    raise errors.UserError(
+        f'interrupted by Ctrl-C; the newest complete checkpoint is step '
+        f'{checkpointing.latest_complete_step(_WORKDIR.value)}. Rerun the same command to resume '
+        f'from it.') from None
 
 
 def run():

@@ -17,7 +17,6 @@ status 1) before anything is printed.
 import json
 import os
 import re
-import sys
 import zipfile
 
 from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
@@ -27,6 +26,7 @@ import jax
 import numpy as np
 
 from coatnet_jax import archive_checks
+from coatnet_jax import errors
 
 # The export's archive members (kept equal to coatnet_jax.tools.export's; not imported from there
 # so that this module needs no model code).
@@ -41,14 +41,8 @@ _BATCH = flags.DEFINE_integer('batch_size', 32, 'Images per call of the exported
 flags.mark_flags_as_required(['model'])
 
 
-class PredictError(ValueError):
+class PredictError(errors.UserError):
   """A model archive or image that cannot be used; the message is one line."""
-
-
-def _one_line(e: BaseException) -> str:
-  text = getattr(e, 'message', None) or str(e)
-  text = ' '.join(text.split())
-  return text if len(text) <= 300 else text[:300] + ' ...'
 
 
 def load(path: str):
@@ -63,8 +57,9 @@ def load(path: str):
       variables = z.read(meta.get('files', {}).get('variables', VARIABLES))
     archive_checks.check_digest(meta, 'exported', exported)
     archive_checks.check_digest(meta, 'variables', variables)
-  except (OSError, zipfile.BadZipFile, KeyError, ValueError, RuntimeError) as e:
-    why = e.strerror if isinstance(e, OSError) and e.strerror else _one_line(e)
+  except (archive_checks.ArchiveError, OSError, zipfile.BadZipFile, KeyError, ValueError,
+          RuntimeError) as e:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else errors.one_line(e, limit=300)
     raise PredictError(f'{path} is not a readable coatnet_jax.tools.export archive: {why}') from e
   try:
     exported = jax.export.deserialize(bytearray(exported))
@@ -72,7 +67,7 @@ def load(path: str):
   except Exception as e:  # pylint: disable=broad-except
     raise PredictError(f'{path}: cannot deserialize the exported model (made with jax '
                        f'{meta.get("jax_version")}; this is jax {jax.__version__}): '
-                       f'{_one_line(e)}') from e
+                       f'{errors.one_line(e, limit=300)}') from e
   try:
     archive_checks.check_signature(meta, exported.in_avals, exported.out_avals)
   except archive_checks.ArchiveError as e:
@@ -116,8 +111,8 @@ def make_transform(meta: dict):
 
 def _tf_message(e: BaseException) -> str:
   """TF's reason without its node and op decorations."""
-  text = re.sub(r'\{\{[^}]*\}\}|\[Op:[^\]]*\].*$', '', _one_line(e))
-  return ' '.join(text.split())
+  text = errors.one_line(getattr(e, 'message', None) or e, limit=300)
+  return errors.one_line(re.sub(r'\{\{[^}]*\}\}|\[Op:[^\]]*\].*$', '', text))
 
 
 def predict(exported, variables, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -149,21 +144,18 @@ def top_classes(probs: np.ndarray, names, k: int) -> list:
 def main(argv):
   paths = argv[1:]
   if not paths:
-    cli.fail('Give one or more image files.')
+    raise errors.UserError('Give one or more image files.')
   if _TOP.value < 1 or _BATCH.value < 1:
-    cli.fail('--top and --batch_size must be positive.')
-  try:
-    meta, exported, variables = load(_MODEL.value)
-    platform = jax.default_backend()
-    accepted = {'gpu': ('cuda', 'rocm')}.get(platform, (platform,))
-    if not set(accepted) & set(exported.platforms):
-      raise PredictError(f'{_MODEL.value} was exported for {",".join(exported.platforms)}; this '
-                         f'machine runs {platform}: export again with --platforms.')
-    transform = make_transform(meta)
-    images = np.stack([transform(p) for p in paths])
-    probs = predict(exported, variables, images, _BATCH.value)
-  except (PredictError, ValueError) as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
+    raise errors.UserError('--top and --batch_size must be positive.')
+  meta, exported, variables = load(_MODEL.value)
+  platform = jax.default_backend()
+  accepted = {'gpu': ('cuda', 'rocm')}.get(platform, (platform,))
+  if not set(accepted) & set(exported.platforms):
+    raise PredictError(f'{_MODEL.value} was exported for {",".join(exported.platforms)}; this '
+                       f'machine runs {platform}: export again with --platforms.')
+  transform = make_transform(meta)
+  images = np.stack([transform(p) for p in paths])
+  probs = predict(exported, variables, images, _BATCH.value)
   names = meta.get('class_names') or [str(i) for i in range(probs.shape[-1])]
   for path, p in zip(paths, probs):
     top = top_classes(p, names, _TOP.value)
@@ -176,4 +168,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, user_errors=(ValueError,))

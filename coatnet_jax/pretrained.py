@@ -27,12 +27,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from coatnet_jax import checkpointing
+from coatnet_jax import errors
 from coatnet_jax import models
 
 HEAD = 'classifier'  # The one module whose shape follows the class count.
 
 
-class InitError(ValueError):
+class InitError(errors.UserError):
   """A pre-trained source that cannot serve this run; the message is one line."""
 
 
@@ -85,7 +86,7 @@ def read_metadata(path: str, step: Optional[int] = None) -> tuple[dict, str, int
     return checkpointing.read_metadata(workdir, step), workdir, step
   except (OSError, ValueError) as e:
     raise InitError(f'Unreadable metadata of step {step} in {workdir}: '
-                    f'{checkpointing.one_line(e)}') from e
+                    f'{errors.describe(e)}') from e
 
 
 def read(path: str, step: Optional[int] = None, use_ema: bool = True) -> Pretrained:
@@ -96,7 +97,7 @@ def read(path: str, step: Optional[int] = None, use_ema: bool = True) -> Pretrai
   try:
     saved = checkpointer.metadata(state_dir).item_metadata.tree
   except Exception as e:  # pylint: disable=broad-except
-    raise InitError(f'Unreadable checkpoint {state_dir}: {checkpointing.one_line(e)}') from e
+    raise InitError(f'Unreadable checkpoint {state_dir}: {errors.describe(e)}') from e
   is_leaf = lambda x: hasattr(x, 'shape')  # pylint: disable=unnecessary-lambda-assignment
   weights = 'ema' if use_ema and _has_arrays(saved.get('ema_params')) else 'params'
   key = 'ema_params' if weights == 'ema' else 'params'
@@ -108,7 +109,7 @@ def read(path: str, step: Optional[int] = None, use_ema: bool = True) -> Pretrai
     out = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=restore_args, partial_restore=True))
   except Exception as e:  # pylint: disable=broad-except
-    raise InitError(f'Reading {state_dir} failed: {checkpointing.one_line(e)}') from e
+    raise InitError(f'Reading {state_dir} failed: {errors.describe(e)}') from e
   variables = {'params': out[key], 'batch_stats': out.get('batch_stats') or {}}
   return Pretrained(variables, metadata, step, os.path.dirname(state_dir), weights)
 

@@ -19,10 +19,12 @@ from typing import Optional
 
 from absl import logging
 
+from coatnet_jax import errors
+
 LOCK_FILE = 'run.lock'
 
 
-class WorkdirBusyError(Exception):
+class WorkdirBusyError(errors.UserError):
   """Another live process holds the workdir; the message is one line naming it."""
 
 

@@ -19,6 +19,9 @@ source first reads data: the quickstart, the model, the step and export never lo
   prepare.py      ``python -m coatnet_jax.data.prepare NAME``: a TFDS builder from its manual files
 """
 
-class DataNotFoundError(FileNotFoundError):
+from coatnet_jax import errors
+
+
+class DataNotFoundError(errors.UserError, FileNotFoundError):
   """A dataset that is missing, empty or unprepared. The message is one line that names the path
   and the command that prepares it; ``main`` can print it alone instead of a traceback."""

@@ -16,6 +16,8 @@ from typing import Optional
 
 from PIL import Image
 
+from coatnet_jax import errors
+
 MAX_PIXELS = 50_000_000
 MAX_FILE_BYTES = 64 * 2**20
 # The image formats read everywhere (TF's decode_image decodes each of them, by content).
@@ -34,7 +36,7 @@ def too_large(source) -> Optional[str]:
       with Image.open(fileobj) as img:
         width, height = img.size
   except Image.DecompressionBombError as e:  # PIL's own limit, far above ours.
-    return (f'{" ".join(str(e).split())}; the limit is {MAX_PIXELS:,} pixels '
+    return (f'{errors.one_line(e)}; the limit is {MAX_PIXELS:,} pixels '
             f'(coatnet_jax.data.image_limits)')
   except Exception:  # pylint: disable=broad-except
     return None

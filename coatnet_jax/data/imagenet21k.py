@@ -50,6 +50,7 @@ from absl import logging
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from coatnet_jax import errors
 from coatnet_jax.data import DataNotFoundError
 from coatnet_jax.data import image_limits
 
@@ -139,7 +140,7 @@ class Release:
     return False
 
   def _bad(self, where, why):
-    why = ' '.join(why.split())
+    why = errors.one_line(why)
     if where not in self.bad_archives:
       logging.warning('Skipping archive %s: %s.', where, why)
       self.bad_archives[where] = why

@@ -13,7 +13,8 @@ included; ``imagenet21k`` is ``coatnet_jax.data.imagenet21k``'s, registered on i
 
 import argparse
 import os
-import sys
+
+from coatnet_jax import errors
 
 MANUAL_FILES = {'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')}
 
@@ -54,11 +55,8 @@ def main(argv=None):
   args = parser.parse_args(argv)
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
-  from coatnet_jax.data import DataNotFoundError  # pylint: disable=g-import-not-at-top
-  try:
+  with errors.exit_on_user_error():  # A missing dataset or manual file: one line, exit 1.
     builder = prepare(args.name, args.data_dir, args.manual_dir)
-  except DataNotFoundError as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
   splits = ', '.join(f'{k} {v.num_examples}' for k, v in sorted(builder.info.splits.items()))
   print(f'{args.name} prepared in {builder.data_dir}: {splits}')
 

@@ -25,6 +25,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from coatnet_jax import cli
+from coatnet_jax import errors
 from coatnet_jax import input_pipeline
 
 
@@ -130,16 +131,13 @@ def run(config, init=None):
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}; see --help.')
+    raise errors.UserError(f'unexpected arguments {argv[1:]}; see --help.')
   config = flags.FLAGS.config
   if flags.FLAGS.data_dir:
     config.data.data_dir = flags.FLAGS.data_dir
-  if not config.data.get('data_dir') and config.data.name == 'folders':
-    cli.fail('--data_dir DIR is required: the class folders of the run.')
-  try:
-    result = run(config, flags.FLAGS.init)
-  except (ValueError, OSError, input_pipeline.DataNotFoundError) as e:
-    cli.fail(str(e))
+  if not config.data.data_dir and config.data.name == 'folders':
+    raise errors.UserError('--data_dir DIR is required: the class folders of the run.')
+  result = run(config, flags.FLAGS.init)
   for name in ('logistic_regression', 'knn', 'linear_probe'):
     if name in result:
       r = result[name]
@@ -151,4 +149,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  cli.run(main, flags_parser=cli.parse_config_flags)
+  cli.run(main, flags_parser=cli.parse_config_flags, user_errors=(ValueError, OSError))

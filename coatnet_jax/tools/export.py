@@ -28,7 +28,6 @@ temporary file beside ``--out`` and renamed, so ``--out`` is either complete or 
 
 import json
 import os
-import sys
 import tempfile
 import zipfile
 
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coatnet_jax import archive_checks
+from coatnet_jax import errors
 from coatnet_jax import input_pipeline
 from coatnet_jax import models
 from coatnet_jax import pretrained
@@ -67,10 +67,6 @@ _PLATFORMS = flags.DEFINE_list(
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
-class ExportError(ValueError):
-  """An export that cannot be made; the message is one line."""
-
-
 def _to_numpy(tree):
   """Plain nested dicts of numpy arrays (what msgpack stores and restores)."""
   if isinstance(tree, dict) or hasattr(tree, 'items'):
@@ -83,7 +79,7 @@ def class_names(metadata: dict, num_classes: int) -> list:
   if not names:
     return [str(i) for i in range(num_classes)]
   if len(names) != num_classes:
-    raise ExportError(f'The checkpoint names {len(names)} classes but has {num_classes}.')
+    raise errors.UserError(f'The checkpoint names {len(names)} classes but has {num_classes}.')
   return [str(n) for n in names]
 
 
@@ -91,7 +87,7 @@ def inference_fn(config, model):
   """``fn(variables, uint8 images) -> float32 probabilities`` as the run's eval computes them."""
   kind = config.loss.kind
   if kind not in ('softmax', 'sigmoid'):
-    raise ExportError(f'Unknown config.loss.kind {kind!r}: softmax or sigmoid.')
+    raise errors.UserError(f'Unknown config.loss.kind {kind!r}: softmax or sigmoid.')
   dtype = train.dtype_of(config.model.get('dtype', 'float32'))
 
   def fn(variables, images):
@@ -108,7 +104,7 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
   platforms = tuple(platforms)
   unknown = [p for p in platforms if p not in PLATFORMS]
   if unknown or not platforms:
-    raise ExportError(f'Unknown platforms {unknown}; choose from {",".join(PLATFORMS)}.')
+    raise errors.UserError(f'Unknown platforms {unknown}; choose from {",".join(PLATFORMS)}.')
   config = pre.config
   res = int(res or config.data.image_size)
   config.data.image_size = res
@@ -128,8 +124,8 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
   try:
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(*specs)
   except Exception as e:  # pylint: disable=broad-except
-    raise ExportError(f'Lowering for {",".join(platforms)} failed: '
-                      f'{" ".join(str(e).split())[:400]}') from e
+    raise errors.UserError(f'Lowering for {",".join(platforms)} failed: '
+                           f'{errors.one_line(e)[:400]}') from e
   protocol = input_pipeline.eval_protocol(config.data)
   meta = {
       'format': FORMAT,
@@ -171,7 +167,7 @@ def write_archive(out: str, exported: bytes, variables: dict, meta: dict) -> Non
   except BaseException as e:
     _remove(tmp)
     if isinstance(e, OSError):
-      raise ExportError(f'Cannot write {out}: {e.strerror or e}') from e
+      raise errors.UserError(f'Cannot write {out}: {e.strerror or e}') from e
     raise
 
 
@@ -183,12 +179,12 @@ def _umask() -> int:
 
 def _open_temp(out: str):
   if os.path.isdir(out):
-    raise ExportError(f'--out {out} is a directory; name the archive file.')
+    raise errors.UserError(f'--out {out} is a directory; name the archive file.')
   try:
     return tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(out)),
                             prefix=f'.{os.path.basename(out)}.', suffix='.tmp')
   except OSError as e:
-    raise ExportError(f'Cannot write {out}: {e.strerror or e}') from e
+    raise errors.UserError(f'Cannot write {out}: {e.strerror or e}') from e
 
 
 def _remove(path: str) -> None:
@@ -207,18 +203,15 @@ def check_writable(out: str) -> None:
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   out = _OUT.value
-  try:
-    check_writable(out)
-    pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
-    if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
-      raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
-    exported, variables, meta = export(pre, _RES.value, [p.strip() for p in _PLATFORMS.value],
-                                       _DTYPE.value)
-    write_archive(out, exported, variables, meta)
-  except (pretrained.InitError, ExportError, OSError, ValueError) as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
+  check_writable(out)
+  pre = pretrained.read(_WORKDIR.value, _STEP.value or None, _WEIGHTS.value != 'params')
+  if _WEIGHTS.value == 'ema' and pre.weights != 'ema':
+    raise pretrained.InitError(f'{pre.path} kept no EMA parameters; use --weights=params.')
+  exported, variables, meta = export(pre, _RES.value, [p.strip() for p in _PLATFORMS.value],
+                                     _DTYPE.value)
+  write_archive(out, exported, variables, meta)
   logging.info('Exported %s (step %d, %s weights) at %d px for %s to %s.', pre.path, pre.step,
                pre.weights, meta['res'], ','.join(meta['platforms']), out)
   print(f'{out}: {meta["model"]} at {meta["res"]} px, {meta["num_classes"]} classes, step '
@@ -227,4 +220,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, user_errors=(OSError, ValueError))

@@ -18,8 +18,8 @@ from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet
 from absl import flags
 from absl import logging
 
-from coatnet_jax import checkpointing
 from coatnet_jax import convert
+from coatnet_jax import errors
 from coatnet_jax import models
 from coatnet_jax import pretrained
 
@@ -71,12 +71,9 @@ def export_timm(workdir: str, model_name: str, out: str, use_ema: bool = True) -
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  try:
-    info = export_timm(FLAGS.workdir, FLAGS.model, FLAGS.out, FLAGS.weights == 'ema')
-  except (ValueError, KeyError, OSError, checkpointing.CheckpointError) as e:
-    cli.fail(str(e))
+  info = export_timm(FLAGS.workdir, FLAGS.model, FLAGS.out, FLAGS.weights == 'ema')
   print(f'Wrote {FLAGS.out} ({info["weights"]} weights); load it with timm.create_model('
         f'{FLAGS.model!r}, num_classes={info["num_classes"]}, img_size={info["img_size"]})'
         f'.load_state_dict(safetensors.torch.load_file({FLAGS.out!r}), strict=True)')
@@ -84,4 +81,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  cli.run(main)
+  cli.run(main, user_errors=(ValueError, KeyError, OSError))

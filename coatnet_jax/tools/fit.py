@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from coatnet_jax import errors
 from coatnet_jax import sharding
 from coatnet_jax import train
 
@@ -164,7 +165,7 @@ def tpu_mesh(topology: str, mesh_sizes: dict):
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   sizes = parse_mesh(_MESH.value)
   n = math.prod(sizes.values())
   jax.config.update('jax_platforms', 'cpu')
@@ -172,7 +173,7 @@ def main(argv):
   config = _CONFIG.value
   batch_size = _BATCH.value or config.batch_size
   if batch_size % n:
-    cli.fail(f'Batch {batch_size} is not divisible by {n} devices.')
+    raise errors.UserError(f'Batch {batch_size} is not divisible by {n} devices.')
   num_classes, train_size = dataset_info(config, _NUM_CLASSES.value, _TRAIN_SIZE.value)
   what = (f'{config.model.name} train step, {config.data.image_size} px, global batch '
           f'{batch_size}, {config.model.dtype}, {num_classes} classes, mesh '

@@ -31,6 +31,7 @@ import numpy as np
 
 from coatnet_jax import checkpointing
 from coatnet_jax import convert
+from coatnet_jax import errors
 from coatnet_jax import models
 
 FLAGS = flags.FLAGS
@@ -63,7 +64,7 @@ def load_state_dict(path: str) -> dict:
       return load_file(path)
     except (SafetensorError, OSError) as e:
       raise ValueError(f'{path} is not a readable safetensors file: '
-                       f'{checkpointing.one_line(e)}') from None
+                       f'{errors.describe(e)}') from None
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -78,7 +79,7 @@ def load_state_dict(path: str) -> dict:
                      f'not unpickled; give the .safetensors file of the same model.') from None
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'{path} is not a readable torch file: '
-                     f'{checkpointing.one_line(e)}') from None
+                     f'{errors.describe(e)}') from None
   if isinstance(state, dict):
     state = state.get('state_dict', state.get('model', state))
   if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -120,12 +121,9 @@ def import_timm(model_name: str, weights: str, out: str, image_size=None,
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO.
-  try:
-    meta = import_timm(FLAGS.model, FLAGS.weights, FLAGS.out, FLAGS.image_size, FLAGS.dtype)
-  except (ValueError, KeyError, OSError, checkpointing.CheckpointError) as e:
-    cli.fail(str(e))
+  meta = import_timm(FLAGS.model, FLAGS.weights, FLAGS.out, FLAGS.image_size, FLAGS.dtype)
   print(f'Wrote {meta["model"]} with the switches of timm\'s {FLAGS.model} '
         f'({meta["num_classes"]} classes) to {FLAGS.out}; fine-tune with '
         f'configs/transfer.py:data_dir=DATA,init={FLAGS.out},timm or '
@@ -134,4 +132,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  cli.run(main)
+  cli.run(main, user_errors=(ValueError, KeyError, OSError))

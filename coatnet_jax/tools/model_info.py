@@ -8,7 +8,6 @@ Usage:
       [--num_classes=1000] [--markdown]
 """
 
-import sys
 import time
 
 from absl import flags, logging
@@ -16,6 +15,7 @@ from absl import flags, logging
 from coatnet_jax import cli
 
 from coatnet_jax import cost
+from coatnet_jax import errors
 from coatnet_jax.models import PAPER_GMACS, PAPER_PARAMS, get_model
 
 _MODELS = flags.DEFINE_list('models', [f'coatnet_{i}' for i in range(8)], 'Variants to report.')
@@ -53,17 +53,18 @@ def _format(header: list[str], rows: list[list[str]], markdown: bool) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    cli.fail(f'unexpected arguments: {" ".join(argv[1:])}')
+    raise errors.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   # Bad input ends in one line on stderr (exit status 1), before any tracing.
   for name in _MODELS.value:
     try:
       get_model(name, _NUM_CLASSES.value)
     except ValueError as e:
-      sys.exit(f'model_info: {e}')
+      raise errors.UserError(e) from e
   try:
     resolutions = [int(r) for r in _RESOLUTIONS.value]
   except ValueError:
-    sys.exit(f'model_info: --resolutions must be integers, got {",".join(_RESOLUTIONS.value)}.')
+    raise errors.UserError(f'--resolutions must be integers, got '
+                           f'{",".join(_RESOLUTIONS.value)}.') from None
 
   header = ['model', 'params (M)', 'paper (M)', 'diff']
   for res in resolutions:

@@ -23,6 +23,7 @@ from absl import flags
 import numpy as np
 
 from coatnet_jax import cli
+from coatnet_jax import errors
 
 SETS = ('faces', 'textures', 'photos')
 TILE = 64
@@ -38,7 +39,8 @@ def _skimage_data():
   try:
     from skimage import data  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise RuntimeError('the sample sets need scikit-image: pip install scikit-image==0.26.0') from e
+    raise errors.UserError('the sample sets need scikit-image: pip install '
+                           'scikit-image==0.26.0') from e
   return data
 
 
@@ -87,17 +89,13 @@ def main(argv):
   del argv
   out, sets = flags.FLAGS.out, flags.FLAGS.sets
   if not out:
-    cli.fail('--out DIR is required: the folder to write the sample sets into.')
+    raise errors.UserError('--out DIR is required: the folder to write the sample sets into.')
   unknown = [s for s in sets if s not in SETS]
   if unknown:
-    cli.fail(f'unknown --sets {",".join(unknown)}; valid: {", ".join(SETS)}.')
-  try:
-    for name in sets:
-      counts = write(name, os.path.join(out, name))
-      print(f'{os.path.join(out, name)}: ' +
-            ', '.join(f'{c} {n}' for c, n in counts.items()))
-  except RuntimeError as e:
-    cli.fail(str(e))
+    raise errors.UserError(f'unknown --sets {",".join(unknown)}; valid: {", ".join(SETS)}.')
+  for name in sets:
+    counts = write(name, os.path.join(out, name))
+    print(f'{os.path.join(out, name)}: ' + ', '.join(f'{c} {n}' for c, n in counts.items()))
 
 
 if __name__ == '__main__':
