@@ -16,11 +16,12 @@ import jax
 from ml_collections import config_flags
 
 from coatnet_jax import checkpointing
+from coatnet_jax import errors
 from coatnet_jax import pretrained
 from coatnet_jax import train
 
 # Errors the user must act on: one line on stderr and exit status 1, never a traceback.
-_ONE_LINE_ERRORS = (train.InputError, train.NonFiniteLossError, checkpointing.CheckpointError,
+_ONE_LINE_ERRORS = (errors.UserError, train.NonFiniteLossError, checkpointing.CheckpointError,
                     pretrained.InitError, OSError)
 
 _CONFIG = config_flags.DEFINE_config_file(
