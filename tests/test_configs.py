@@ -4,6 +4,7 @@ The big models are only traced (``jax.eval_shape``), never run.
 """
 
 import importlib
+import json
 import math
 
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from coatnet_jax import models, optim
 from coatnet_jax import steps as steps_lib
+from configs import common
 
 IN1K_TRAIN = 1_281_167
 
@@ -87,3 +89,24 @@ def test_runlocal_shrinks_but_keeps_the_recipe():
   c = _config('in1k', 'variant=coatnet_2,runlocal')
   assert c.model.name == 'coatnet_pico' and c.total_steps == 20
   assert c.optim.weight_decay == 0.05 and c.loss.mixup_alpha == 0.8
+
+
+def test_a_saved_config_reads_back_over_the_base_defaults():
+  """An older run's saved config (a field missing) still builds: the base config fills the gap."""
+  saved = json.loads(_config('quickstart').to_json_best_effort())
+  del saved['model']['remat'], saved['optim']['b2']
+  c = common.with_defaults(saved)
+  assert (c.model.remat, c.optim.b2) == ('none', 0.999)
+  assert (c.model.name, c.model.dtype, c.data.name) == ('coatnet_pico', 'float32', 'digits')
+
+
+def test_a_config_missing_a_field_is_named():
+  from coatnet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  c = _config('quickstart')
+  assert config_checks.missing_fields(c) == []
+  del c.optim['b2']
+  del c.loss['label_smoothing']
+  problems = config_checks.missing_fields(c)
+  assert [p.split(' is missing')[0] for p in problems] == [
+      'config field loss.label_smoothing', 'config field optim.b2']
+  assert all('get_base_config()' in p for p in problems)
