@@ -114,30 +114,9 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_w
     images, targets = losses.mix(mix_key, images, targets, lc.mixup_alpha, lc.cutmix_alpha,
                                  lc.switch_prob)
     example_weights = None if weights is None else weights[batch['label']]
-    if accum == 1:
-      (loss, batch_stats), grads = grad_fn(state.params, state.batch_stats, images, targets,
-                                           example_weights, drop_key)
-    else:
-      # Micro-batch i takes rows i, i + accum, ...: every device contributes to every micro-batch.
-      def split(x):
-        x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(
-            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.AXES)))
-
-      def body(carry, xs):
-        grads_sum, loss_sum, batch_stats = carry
-        (l, batch_stats), g = grad_fn(state.params, batch_stats, xs[0], xs[1], xs[3],
-                                      jax.random.fold_in(drop_key, xs[2]))
-        return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + l, batch_stats), None
-
-      zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grads, loss, batch_stats), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32), state.batch_stats),
-          (split(images), split(targets), jnp.arange(accum),
-           None if example_weights is None else split(example_weights)))
-      grads = jax.tree.map(lambda g: g / accum, grads)
-      loss = loss / accum
-
+    (loss, batch_stats), grads = _accumulated(grad_fn, accum, mesh, state.params,
+                                              state.batch_stats, images, targets,
+                                              example_weights, drop_key)
     grad_norm = optax.tree.norm(grads)
     lr = schedule(state.step)
     # Finiteness from three scalars, never a scan of the state: with a finite loss, gradient
@@ -164,6 +143,33 @@ def make_train_step(config, model, tx, schedule, num_classes: int, mesh, class_w
     return new_state, {'loss': loss, 'grad_norm': grad_norm, 'lr': lr, 'finite': finite}
 
   return train_step
+
+
+def _accumulated(grad_fn, accum, mesh, params, batch_stats, images, targets, example_weights,
+                 key):
+  """((mean loss, batch_stats), mean gradients) over ``accum`` micro-batches of the batch, scanned
+  so that only one micro-batch's activations are alive at a time."""
+  if accum == 1:
+    return grad_fn(params, batch_stats, images, targets, example_weights, key)
+
+  # Micro-batch i takes rows i, i + accum, ...: every device contributes to every micro-batch.
+  def split(x):
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.AXES)))
+
+  def body(carry, xs):
+    grads_sum, loss_sum, batch_stats = carry
+    (l, batch_stats), g = grad_fn(params, batch_stats, xs[0], xs[1], xs[3],
+                                  jax.random.fold_in(key, xs[2]))
+    return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + l, batch_stats), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, loss, batch_stats), _ = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32), batch_stats),
+      (split(images), split(targets), jnp.arange(accum),
+       None if example_weights is None else split(example_weights)))
+  return (loss / accum, batch_stats), jax.tree.map(lambda g: g / accum, grads)
 
 
 def abstract_batch(config, batch: int, num_classes: int, batch_sharding, with_mask=False):

@@ -52,12 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Whatever the run holds (lock, checkpoint manager, metric writer, signal handlers) is let go
   # here, once, in reverse order, whether the run ends, is preempted or fails.
   with contextlib.ExitStack() as teardown:
-    try:
-      lock = workdir_lock.acquire(workdir, jax.process_index())
-    except workdir_lock.WorkdirBusyError as e:
-      raise errors.UserError(str(e)) from e
-    if lock is not None:
-      teardown.callback(lock.release)
+    _lock(workdir, teardown)
 
     # Mesh: one ('data', 'fsdp') mesh over every device of every process.
     mesh = sharding.make_mesh(config.mesh)
@@ -108,6 +103,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     preemption = preemption_lib.Preemption()
     teardown.callback(preemption.close)
     return run.loop(train_step, start_step, throughput, preemption)
+
+
+def _lock(workdir: str, teardown: contextlib.ExitStack) -> None:
+  """Takes the workdir's lock (process 0) until ``teardown``; a live holder is a user error."""
+  try:
+    lock = workdir_lock.acquire(workdir, jax.process_index())
+  except workdir_lock.WorkdirBusyError as e:
+    raise errors.UserError(str(e)) from e
+  if lock is not None:
+    teardown.callback(lock.release)
 
 
 def _closing(manager):
