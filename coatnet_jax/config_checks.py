@@ -5,7 +5,7 @@ the base config), ``static_problems`` (the config alone), ``data_problems`` (wit
 info), ``device_problems`` (with the device count) and ``resume_changes`` (with the config saved in
 the newest checkpoint), and raises every problem at once as one ``errors.UserError``; ``main``
 prints each as its own ``error:`` line and exits 1 with nothing written. A check here must be
-cheap (no compile) and must name the field, the value and what to do.
+cheap (no model init, no compile) and must name the field, the value and what to do.
 """
 
 import json
