@@ -3,7 +3,7 @@ r"""What XLA says a compiled step costs, without an accelerator: the CPU measure
   python -m benchmarks.step_cost --variant coatnet_0 --batch 8 --res 224 --dtype bfloat16 \
       --form timm [--remat none] [--modes train,inference,inference_folded]
 
-For the trainer's own train step (``train.make_train_step`` with the base config's AdamW,
+For the trainer's own train step (``steps.make_train_step`` with the base config's AdamW,
 clipping and loss, as ``train_throughput.py`` runs it) and for the inference forward pass
 (unfolded, and with BatchNorm folded where the code has ``models.fold_batchnorm``), compiled from
 abstract shapes only (nothing is initialised or run), it prints XLA's counted flops, bytes
@@ -27,10 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import train_throughput
-from coatnet_jax import input_pipeline
 from coatnet_jax import models
 from coatnet_jax import sharding
-from coatnet_jax import train
+from coatnet_jax import steps as steps_lib
 
 
 def make_config(variant, batch, res, dtype, form, remat):
@@ -58,19 +57,19 @@ def measure(variant='coatnet_0', batch=8, res=224, dtype='bfloat16', form='timm'
             modes=('train', 'inference'), num_classes=1000) -> list:
   config = make_config(variant, batch, res, dtype, form, remat)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  model = train.build_model(config, num_classes)
+  model = steps_lib.build_model(config, num_classes)
   bs = sharding.batch_sharding(mesh)
   images = jax.ShapeDtypeStruct((batch, res, res, 3), jnp.uint8, sharding=bs)
-  compute_dtype = train.dtype_of(dtype)
+  compute_dtype = steps_lib.dtype_of(dtype)
   rows = []
   for mode in modes:
     t0 = time.perf_counter()
     if mode == 'train':
-      schedule, tx = train.build_optimizer(config, train_size=batch * 1000)
-      state = jax.eval_shape(train.make_init_fn(config, model, tx))
+      schedule, tx = steps_lib.build_optimizer(config, train_size=batch * 1000)
+      state = jax.eval_shape(steps_lib.make_init_fn(config, model, tx))
       shardings = sharding.tree_shardings(state, mesh, config.sharding)
       labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)
-      lowered = train.jit_train_step(config, model, tx, schedule, num_classes, mesh,
+      lowered = steps_lib.jit_train_step(config, model, tx, schedule, num_classes, mesh,
                                      shardings).lower(state, {'image': images, 'label': labels})
     else:
       folded = mode == 'inference_folded'
@@ -83,7 +82,7 @@ def measure(variant='coatnet_0', batch=8, res=224, dtype='bfloat16', form='timm'
         variables = jax.eval_shape(functools.partial(models.fold_batchnorm, model), variables)
 
       def forward(variables, images, net=net):
-        return net.apply(variables, input_pipeline.normalize(images, compute_dtype), train=False)
+        return net.apply(variables, steps_lib.normalize(images, compute_dtype), train=False)
 
       lowered = jax.jit(forward).lower(variables, images)
     compiled = lowered.compile()

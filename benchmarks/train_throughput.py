@@ -3,7 +3,7 @@ r"""Img/s, MFU, peak memory and compile time of THIS project's train or inferenc
   python3 benchmarks/train_throughput.py --variant coatnet_0 --batch 256 --res 224 \
       --dtype bfloat16 --steps 20 --warmup 5 [--mode inference [--no_fold]] [--form paper]
 
-The train step is the trainer's own (``train.make_train_step``) with the base config's AdamW,
+The train step is the trainer's own (``steps.make_train_step``) with the base config's AdamW,
 clipping and loss, jitted with the trainer's shardings on a one-device mesh and a donated state.
 The inference step is what ``evaluate``/``export`` run: the forward pass to class probabilities with
 BatchNorm folded into the convolutions (``--no_fold``: the unfolded model), from the model's
@@ -32,11 +32,10 @@ import jax.numpy as jnp
 
 from configs import common
 from coatnet_jax import cost
-from coatnet_jax import input_pipeline
 from coatnet_jax import metrics
 from coatnet_jax import models
 from coatnet_jax import sharding
-from coatnet_jax import train
+from coatnet_jax import steps as steps_lib
 
 
 def make_config(variant: str, batch: int, res: int, dtype: str, form: str = 'paper'):
@@ -61,7 +60,7 @@ def run(variant='coatnet_0', batch=256, res=224, dtype='bfloat16', steps=20, war
         mode='train', num_classes=1000, form='timm', fold=True) -> dict:
   config = make_config(variant, batch, res, dtype, form)
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  model = train.build_model(config, num_classes)
+  model = steps_lib.build_model(config, num_classes)
   bs = sharding.batch_sharding(mesh)
   k1, k2 = jax.random.split(jax.random.key(0))
   batch_data = jax.device_put({
@@ -70,17 +69,17 @@ def run(variant='coatnet_0', batch=256, res=224, dtype='bfloat16', steps=20, war
   rep = sharding.replicated(mesh)
   t0 = time.perf_counter()
   if mode == 'train':
-    schedule, tx = train.build_optimizer(config, train_size=batch * 1000)
-    init_fn = train.make_init_fn(config, model, tx)
+    schedule, tx = steps_lib.build_optimizer(config, train_size=batch * 1000)
+    init_fn = steps_lib.make_init_fn(config, model, tx)
     shardings = sharding.tree_shardings(jax.eval_shape(init_fn), mesh, config.sharding)
     state = jax.jit(init_fn, out_shardings=shardings)()
     t0 = time.perf_counter()
-    step = train.jit_train_step(config, model, tx, schedule, num_classes, mesh,
+    step = steps_lib.jit_train_step(config, model, tx, schedule, num_classes, mesh,
                                 shardings).lower(state, batch_data).compile()
     def one(s):
       return step(s, batch_data)
   else:  # The model's variables only: no optimizer state, nothing donated.
-    compute_dtype = train.dtype_of(dtype)
+    compute_dtype = steps_lib.dtype_of(dtype)
     state = jax.jit(lambda: model.init(jax.random.key(0), jnp.zeros((1, res, res, 3),
                                                                     compute_dtype)),
                     out_shardings=rep)()
@@ -90,7 +89,7 @@ def run(variant='coatnet_0', batch=256, res=224, dtype='bfloat16', steps=20, war
       state = jax.jit(lambda v: models.fold_batchnorm(model, v), out_shardings=rep)(state)
 
     def forward(variables, images):
-      logits = net.apply(variables, input_pipeline.normalize(images, compute_dtype), train=False)
+      logits = net.apply(variables, steps_lib.normalize(images, compute_dtype), train=False)
       return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
     t0 = time.perf_counter()

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from coatnet_jax import input_pipeline
 from coatnet_jax import sharding
+from coatnet_jax import steps
 
 
 def _pair_sums(stats):
@@ -47,14 +48,14 @@ def make_accumulate_step(config, model):
   """(params, sums, batch) -> sums + this batch's (mean, var + mean**2) of every BatchNorm.
 
   ``model`` must be built with ``bn_momentum=0`` (its running averages after one train-mode call
-  are then exactly the batch's statistics) and no stochastic depth: ``train.build_model`` of
+  are then exactly the batch's statistics) and no stochastic depth: ``steps.build_model`` of
   ``recalibration_config(config)``.
   """
-  dtype = jnp.bfloat16 if config.model.get('dtype') == 'bfloat16' else jnp.float32
+  dtype = steps.dtype_of(config.model.dtype)
 
   def step(params, sums, batch):
     _, new = model.apply({'params': params, 'batch_stats': jax.tree.map(jnp.zeros_like, sums)},
-                         input_pipeline.normalize(batch['image'], dtype), train=True,
+                         steps.normalize(batch['image'], dtype), train=True,
                          mutable=['batch_stats'])
     return jax.tree.map(jnp.add, sums, _pair_sums(new['batch_stats']))
 

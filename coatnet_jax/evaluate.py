@@ -22,7 +22,7 @@ from coatnet_jax import input_pipeline
 from coatnet_jax import models
 from coatnet_jax import pretrained
 from coatnet_jax import sharding
-from coatnet_jax import train
+from coatnet_jax import steps
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A run\'s workdir (or an import_timm --out).')
 _STEP = flags.DEFINE_integer('step', 0, 'Checkpoint step; 0: the newest complete one.')
@@ -60,22 +60,22 @@ def eval_config(pre: pretrained.Pretrained, res=0, split=None, dataset=None, dat
 def evaluate(pre: pretrained.Pretrained, config) -> dict:
   """Exact metrics of ``pre`` on ``config.data``'s eval split over every local device."""
   num_classes = pre.num_classes
-  model = train.build_model(config, num_classes)
+  model = steps.build_model(config, num_classes)
   variables = pretrained.adapt(pre, model, config.data.image_size, num_classes)
   # The BatchNorm-folded network (models/fold.py): the same metrics with fewer passes.
   variables, model = models.fold_batchnorm(model, variables), models.folded_model(model)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
-  batch = config.get('eval_batch_size') or config.batch_size
+  batch = config.eval_batch_size or config.batch_size
   batch = -(-batch // mesh.devices.size) * mesh.devices.size
   rep = sharding.replicated(mesh)
-  eval_step = jax.jit(train.make_eval_step(config, model, num_classes),
+  eval_step = jax.jit(steps.make_eval_step(config, model, num_classes),
                       in_shardings=(rep, rep, sharding.batch_sharding(mesh)), out_shardings=rep)
   params = jax.device_put(variables['params'], rep)
   batch_stats = jax.device_put(variables.get('batch_stats', {}), rep)
   info = input_pipeline.get_info(config.data)
   batches = input_pipeline.eval_iterator(config.data, batch, process_index=jax.process_index(),
                                          process_count=jax.process_count())
-  results = train.evaluate(eval_step, params, batch_stats, batches, mesh, config.loss.kind,
+  results = steps.evaluate(eval_step, params, batch_stats, batches, mesh, config.loss.kind,
                            info.class_names)  # Confusion counts by class name, as in training.
   if results['count'] != info.eval_size:
     raise RuntimeError(f'Evaluated {results["count"]} examples; the split has {info.eval_size}.')

@@ -2,8 +2,8 @@
 
 Every source yields this process's share of each global batch as a dict of numpy arrays:
 ``image`` (uint8, NHWC, RGB), ``label`` (int32), and for evaluation ``mask`` (1 for a real example,
-0 for padding). Images stay uint8 until they reach the device, where ``normalize`` is the ONE place
-that turns pixels into model inputs; the transfer is 4x smaller that way.
+0 for padding). Images stay uint8 until they reach the device, where ``steps.normalize`` is the ONE
+place that turns pixels into model inputs; the transfer is 4x smaller that way.
 
 Evaluation is exact: every process runs the same number of batches, padded with masked examples, so
 the metrics count each example of the split once on any number of processes and devices.
@@ -23,24 +23,12 @@ model never import it.
 
 from typing import Iterator
 
-import jax.numpy as jnp
 import numpy as np
 
 from coatnet_jax.data import DataNotFoundError  # pylint: disable=unused-import (re-exported)
 from coatnet_jax.data import digits
 from coatnet_jax.data import source
 from coatnet_jax.data import tf_source
-
-# ImageNet statistics in 0..255 pixel units; the digits use them too, so one code path serves all.
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
-
-def normalize(images, dtype=jnp.float32):
-  """uint8 pixels -> normalised model inputs; runs on the device inside the jitted steps."""
-  mean = jnp.asarray(MEAN_RGB, jnp.float32)
-  std = jnp.asarray(STDDEV_RGB, jnp.float32)
-  return ((jnp.asarray(images, jnp.float32) - mean) / std).astype(dtype)
 
 
 # data.name -> its source; any other name is a TFDS name.

@@ -1,4 +1,5 @@
-"""What a user sees: the progress line, MFU from counted MACs, metrics.jsonl and TensorBoard.
+"""What a user sees: the progress line, MFU from counted MACs, metrics.jsonl and TensorBoard, and
+the run's other record files (config.json, config_history.jsonl).
 
 TensorBoard events are written with tensorboard's TF-free record writer rather than clu's
 ``SummaryWriter``: importing ``clu.metric_writers`` imports TensorFlow, which the quickstart and the
@@ -13,6 +14,8 @@ from typing import Optional
 
 from absl import logging
 import jax
+
+from coatnet_jax import cost
 
 # Dense bf16 peak FLOP/s per chip (vendor figures), keyed by a substring of ``device.device_kind``.
 # MFU is reported against these; float32 runs therefore show a lower, but comparable, MFU.
@@ -34,6 +37,7 @@ PEAK_FLOPS = {
 }
 
 _warned_devices = set()
+CONFIG_HISTORY = 'config_history.jsonl'  # Every config change a resume accepted.
 
 
 def peak_flops(device_kind: str) -> Optional[float]:
@@ -47,9 +51,18 @@ def peak_flops(device_kind: str) -> Optional[float]:
   return None
 
 
-def train_flops_per_image(model_macs: Optional[int]) -> Optional[float]:
+def train_flops_per_image(macs: Optional[int]) -> Optional[float]:
   """2 FLOPs per MAC in the forward pass, x3 for forward + backward."""
-  return None if model_macs is None else 6.0 * model_macs
+  return None if macs is None else 6.0 * macs
+
+
+def model_macs(model, image_size: int) -> Optional[int]:
+  """Counted MACs per image (for MFU), or None if counting fails."""
+  try:
+    return int(cost.model_macs(model, image_size, batch=1))
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning('Counting model MACs failed (%s); MFU is not reported.', e)
+    return None
 
 
 def format_duration(seconds: float) -> str:
@@ -182,3 +195,51 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb:
       self._tb.close()
+
+
+def rewind_metrics(workdir: str, step: int) -> None:
+  """Drops metrics.jsonl records after ``step`` (atomically), so a resumed run has no gap and
+  no duplicate: the steps after the restored checkpoint are written again by the resumed run."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() or not os.path.exists(path):
+    return
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:  # A line cut by kill -9.
+        dropped += 1
+        continue
+      if record.get('step', 0) > step or (record.get('step') == step and 'compile_s' in record):
+        dropped += 1
+        continue
+      keep.append(line if line.endswith('\n') else line + '\n')
+  if dropped:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logging.info('Resuming at step %d: dropped %d metrics.jsonl records after it.', step, dropped)
+
+
+def write_config(config, workdir: str) -> None:
+  """The run's config as ``workdir/config.json``, for a reader (a resume compares the
+  checkpoint's own copy)."""
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def record_config_changes(workdir: str, step: int, changes: dict) -> None:
+  """Appends the config fields a resume changed to ``config_history.jsonl`` (process 0)."""
+  if not changes or jax.process_index():
+    return
+  logging.warning('Resuming at step %d with config changes: %s', step,
+                  '; '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items()))
+  with open(os.path.join(workdir, CONFIG_HISTORY), 'a') as f:
+    f.write(json.dumps({'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+                        'changes': changes}) + '\n')

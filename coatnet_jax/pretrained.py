@@ -51,8 +51,9 @@ class Pretrained:
 
   @property
   def config(self) -> ml_collections.ConfigDict:
-    """The source run's config (as saved: plain values)."""
-    return ml_collections.ConfigDict(self.metadata.get('config') or {})
+    """The source run's config as saved (plain values), over the base config's defaults."""
+    from configs import common  # pylint: disable=g-import-not-at-top  (configs imports models)
+    return common.with_defaults(self.metadata.get('config') or {})
 
 
 def locate(path: str, step: Optional[int] = None) -> tuple[str, int]:

@@ -175,3 +175,18 @@ def runlocal(c):
   c.eval_every_steps = 0
   c.checkpoint_every_steps = 0
   c.mesh.data, c.mesh.fsdp = -1, 1
+
+
+def with_defaults(saved: dict) -> ml_collections.ConfigDict:
+  """A config saved by a run (JSON, as in its checkpoint's metadata) over today's base config: a
+  run saved before a field existed still builds, evaluates and exports, with that field's default.
+  The one place a saved config is read back."""
+
+  def over(base, values):
+    out = dict(base)
+    for key, value in values.items():
+      out[key] = over(base[key], value) if isinstance(base.get(key), dict) and isinstance(
+          value, dict) else value
+    return out
+
+  return ml_collections.ConfigDict(over(get_base_config().to_dict(), saved))

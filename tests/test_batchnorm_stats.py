@@ -34,8 +34,8 @@ def _config():
 
 def _brute_force(config, variables, num_classes):
   """{BatchNorm path: (mean, var)} by numpy over every recorded input of every batch."""
-  from coatnet_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
-  model = train.build_model(_without_drop_path(config), num_classes)
+  from coatnet_jax import input_pipeline, steps  # pylint: disable=g-import-not-at-top
+  model = steps.build_model(_without_drop_path(config), num_classes)
   batches = input_pipeline.batchnorm_iterator(config.data, config.batch_size, seed=config.seed)
   seen = {}
 
@@ -47,7 +47,7 @@ def _brute_force(config, variables, num_classes):
   for _ in range(NUM_BATCHES):
     batch = next(batches)
     with nn.intercept_methods(record):
-      model.apply(variables, input_pipeline.normalize(batch['image']), train=True,
+      model.apply(variables, steps.normalize(batch['image']), train=True,
                   mutable=['batch_stats'])
   out = {}
   for path, xs in seen.items():
@@ -65,18 +65,18 @@ def _without_drop_path(config):
 
 def check_on_mesh():
   """Run in a subprocess with 2 CPU devices: recalibrated statistics == the brute force."""
-  from coatnet_jax import batchnorm_stats, sharding, train  # pylint: disable=g-import-not-at-top
+  from coatnet_jax import batchnorm_stats, sharding, steps  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 2
   config = _config()
   mesh = sharding.make_mesh(config.mesh)
   assert mesh.devices.size == 2
-  model = train.build_model(config, 10)
-  _, tx = train.build_optimizer(config, 1000)
-  init_fn = train.make_init_fn(config, model, tx)
+  model = steps.build_model(config, 10)
+  _, tx = steps.build_optimizer(config, 1000)
+  init_fn = steps.make_init_fn(config, model, tx)
   shardings = sharding.tree_shardings(jax.eval_shape(init_fn), mesh, config.sharding)
   state = jax.jit(init_fn, out_shardings=shardings)()
   recal = batchnorm_stats.Recalibrator(
-      config, train.build_model(batchnorm_stats.recalibration_config(config), 10), mesh, shardings)
+      config, steps.build_model(batchnorm_stats.recalibration_config(config), 10), mesh, shardings)
   got = recal(state.params, state.batch_stats)
   assert jax.tree.structure(got) == jax.tree.structure(state.batch_stats)
   got = flax.traverse_util.flatten_dict(jax.device_get(got))

@@ -10,7 +10,7 @@ import pytest
 
 from configs import quickstart
 from coatnet_jax import checkpointing
-from coatnet_jax import train
+from coatnet_jax import metrics
 
 
 def _meta(arch, model='m', classes=10, step=0):
@@ -97,7 +97,7 @@ def test_rewind_metrics_drops_records_after_the_restored_step(tmp_path):
   rows.append({'step': 4, 'compile_s': 0.5})  # A restart at 4 ...
   rows += [{'step': s, 'train/loss': s} for s in (5, 6)]
   path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 7, "train/lo')  # kill -9
-  train.rewind_metrics(str(tmp_path), 4)
+  metrics.rewind_metrics(str(tmp_path), 4)
   kept = [json.loads(l) for l in path.read_text().splitlines()]
   assert [r['step'] for r in kept] == [0, 1, 2, 3, 4]
   assert not os.path.exists(str(path) + '.tmp')

@@ -4,12 +4,15 @@ The big models are only traced (``jax.eval_shape``), never run.
 """
 
 import importlib
+import json
 import math
 
 import jax
 import pytest
 
-from coatnet_jax import models, optim, train
+from coatnet_jax import models, optim
+from coatnet_jax import steps as steps_lib
+from configs import common
 
 IN1K_TRAIN = 1_281_167
 
@@ -28,9 +31,9 @@ def test_in1k_recipe(variant, rate):
   assert (c.loss.kind, c.loss.label_smoothing, c.loss.mixup_alpha) == ('softmax', 0.1, 0.8)
   assert (c.data.randaugment.num_layers, c.data.randaugment.magnitude) == (2, 15)
   assert c.optim.clip_norm == 1.0 and c.ema.decay == 0.0
-  steps = train.total_steps(c, IN1K_TRAIN)
+  steps = steps_lib.total_steps(c, IN1K_TRAIN)
   assert steps == 300 * IN1K_TRAIN // 4096
-  schedule, _ = train.build_optimizer(c, IN1K_TRAIN)
+  schedule, _ = steps_lib.build_optimizer(c, IN1K_TRAIN)
   assert math.isclose(float(schedule(10_000)), 1e-3, rel_tol=1e-6)
   assert math.isclose(float(schedule(steps)), 1e-5, rel_tol=1e-4)
 
@@ -45,10 +48,10 @@ def test_in21k_recipe(variant, rate):
   assert c.data.randaugment.num_layers == 0
   assert _config('in21k_pretrain', f'variant={variant},ra').data.randaugment.magnitude == 5
   train_size = 13_000_000
-  schedule, _ = train.build_optimizer(c, train_size)
+  schedule, _ = steps_lib.build_optimizer(c, train_size)
   warm = 5 * (train_size // 4096)
   assert math.isclose(float(schedule(warm // 2)), 0.5e-3, rel_tol=1e-3)
-  assert math.isclose(float(schedule(train.total_steps(c, train_size))), 1e-5, rel_tol=1e-4)
+  assert math.isclose(float(schedule(steps_lib.total_steps(c, train_size))), 1e-5, rel_tol=1e-4)
 
 
 @pytest.mark.parametrize('variant,lr,rate', [('coatnet_3', 1e-3, 0.0), ('coatnet_4', 5e-4, 0.1),
@@ -71,9 +74,9 @@ def test_unknown_variant_and_argument_are_errors():
 def test_coatnet_0_state_traces_with_paper_size():
   """The full train state of the in1k recipe, traced: parameter count and the decay mask."""
   c = _config('in1k', 'variant=coatnet_0')
-  model = train.build_model(c, 1000)
-  _, tx = train.build_optimizer(c, IN1K_TRAIN)
-  state = jax.eval_shape(train.make_init_fn(c, model, tx))
+  model = steps_lib.build_model(c, 1000)
+  _, tx = steps_lib.build_optimizer(c, IN1K_TRAIN)
+  state = jax.eval_shape(steps_lib.make_init_fn(c, model, tx))
   n = sum(x.size for x in jax.tree.leaves(state.params))
   assert abs(n - models.PAPER_PARAMS['coatnet_0']) / models.PAPER_PARAMS['coatnet_0'] < 0.05
   mask = optim.weight_decay_mask(state.params, c.optim.no_decay)
@@ -86,3 +89,24 @@ def test_runlocal_shrinks_but_keeps_the_recipe():
   c = _config('in1k', 'variant=coatnet_2,runlocal')
   assert c.model.name == 'coatnet_pico' and c.total_steps == 20
   assert c.optim.weight_decay == 0.05 and c.loss.mixup_alpha == 0.8
+
+
+def test_a_saved_config_reads_back_over_the_base_defaults():
+  """An older run's saved config (a field missing) still builds: the base config fills the gap."""
+  saved = json.loads(_config('quickstart').to_json_best_effort())
+  del saved['model']['remat'], saved['optim']['b2']
+  c = common.with_defaults(saved)
+  assert (c.model.remat, c.optim.b2) == ('none', 0.999)
+  assert (c.model.name, c.model.dtype, c.data.name) == ('coatnet_pico', 'float32', 'digits')
+
+
+def test_a_config_missing_a_field_is_named():
+  from coatnet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  c = _config('quickstart')
+  assert config_checks.missing_fields(c) == []
+  del c.optim['b2']
+  del c.loss['label_smoothing']
+  problems = config_checks.missing_fields(c)
+  assert [p.split(' is missing')[0] for p in problems] == [
+      'config field loss.label_smoothing', 'config field optim.b2']
+  assert all('get_base_config()' in p for p in problems)

@@ -20,11 +20,10 @@ import pytest
 
 from configs import quickstart
 from coatnet_jax import checkpointing
-from coatnet_jax import input_pipeline
 from coatnet_jax import models
 from coatnet_jax import predict
 from coatnet_jax import pretrained
-from coatnet_jax import train
+from coatnet_jax import steps
 from coatnet_jax.tools import export
 import hostile_files
 
@@ -51,7 +50,7 @@ def exported(tmp_path_factory):
   root = tmp_path_factory.mktemp('export')
   c = quickstart.get_config()
   c.data.name = 'imagenet2012'  # A run with the pre-training eval protocol: crop 0.875, bicubic.
-  model = train.build_model(c, len(NAMES))
+  model = steps.build_model(c, len(NAMES))
   # Random values of the model's shapes (no compilation): scales near 1, running variances > 0.
   shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                           jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
@@ -82,12 +81,12 @@ def reference(exported):
   pre = pretrained.read(workdir)
   config = pre.config
   config.data.image_size = RES
-  model = train.build_model(config, pre.num_classes)
+  model = steps.build_model(config, pre.num_classes)
   variables = pretrained.adapt(pre, model, RES, pre.num_classes)
 
   @jax.jit
   def fn(v, images):
-    logits = model.apply(v, input_pipeline.normalize(images, jnp.float32), train=False)
+    logits = model.apply(v, steps.normalize(images, jnp.float32), train=False)
     return jax.nn.softmax(logits, axis=-1)
 
   return pre, variables, fn
@@ -108,7 +107,7 @@ def test_exported_function_matches_model_for_two_batch_sizes(exported, reference
   assert any(flat[k].shape != flat_saved[k].shape for k in flat if k[-1] == 'relative_bias')
   # BatchNorm folded into the convolutions (models/fold.py); outputs checked against the unfolded
   # model below.
-  folded = models.fold_batchnorm(train.build_model(pre.config, pre.num_classes), variables)
+  folded = models.fold_batchnorm(steps.build_model(pre.config, pre.num_classes), variables)
   jax.tree.map(np.testing.assert_array_equal, stored, jax.tree.map(np.asarray, folded))
   # An argument, not constants: the serialised function is far smaller than the variables.
   n_bytes = sum(a.nbytes for a in jax.tree.leaves(stored))

@@ -508,8 +508,8 @@ def test_every_bad_value_is_one_line_each_and_the_run_untouched(tmp_path, refere
 
 
 def test_a_second_ctrl_c_aborts_at_once():
-  from coatnet_jax import train  # pylint: disable=g-import-not-at-top
-  preemption = train.Preemption()
+  from coatnet_jax import preemption as preemption_lib  # pylint: disable=g-import-not-at-top
+  preemption = preemption_lib.Preemption()
   try:
     os.kill(os.getpid(), signal.SIGINT)  # The first: save at the end of the step.
     time.sleep(0.1)

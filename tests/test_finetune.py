@@ -20,7 +20,9 @@ from configs import finetune
 from configs import quickstart
 from coatnet_jax import checkpointing
 from coatnet_jax import pretrained
-from coatnet_jax import train
+from coatnet_jax import config_checks
+from coatnet_jax import errors
+from coatnet_jax import steps
 from run_module import run_module as _run
 
 
@@ -99,7 +101,7 @@ def test_finetune_at_64_beats_the_pretrained_model_at_64_and_resumes_from_itself
 def _pico_checkpoint(path, num_classes, size=32):
   c = quickstart.get_config()
   c.data.image_size = size
-  model = train.build_model(c, num_classes)
+  model = steps.build_model(c, num_classes)
   variables = model.init(jax.random.key(3), np.zeros((1, size, size, 3), np.float32))
   params = jax.tree.map(lambda x: x + 0.1 * np.random.default_rng(0).standard_normal(x.shape,
                                                                                      np.float32),
@@ -114,12 +116,12 @@ def test_adapt_resizes_tables_bilinearly_and_replaces_the_head(tmp_path):
   pre = pretrained.read(str(tmp_path / 'src'))
   assert pre.step == 0 and pre.weights == 'params' and pre.num_classes == 10
 
-  same = pretrained.adapt(pre, train.build_model(c, 10), 32, 10)
+  same = pretrained.adapt(pre, steps.build_model(c, 10), 32, 10)
   for k, v in _flat(variables).items():
     np.testing.assert_array_equal(_flat(same)[k], v)
 
   c.data.image_size = 48
-  out = _flat(pretrained.adapt(pre, train.build_model(c, 4), 48, 4))
+  out = _flat(pretrained.adapt(pre, steps.build_model(c, 4), 48, 4))
   src = _flat(variables)
   tables = [k for k in src if k.endswith('relative_bias')]
   assert len(tables) == 3
@@ -138,14 +140,14 @@ def test_bad_init_sources_are_one_line_errors_before_anything_is_written(tmp_pat
   _pico_checkpoint(str(tmp_path / 'src'), 10)
   workdir = str(tmp_path / 'run')
   c = finetune.get_config(f'init={tmp_path / "nowhere"},res=64,data=digits')
-  with pytest.raises(train.InputError, match='holds no checkpoints'):
-    train.check_inputs(c, workdir)
+  with pytest.raises(errors.UserError, match='holds no checkpoints'):
+    config_checks.check_inputs(c, workdir)
   c = finetune.get_config(f'init={tmp_path / "src"},res=64,data=digits')
   c.model.switches.pool = 'avg'
-  with pytest.raises(train.InputError, match="switches differ.*'pool'"):
-    train.check_inputs(c, workdir)
+  with pytest.raises(errors.UserError, match="switches differ.*'pool'"):
+    config_checks.check_inputs(c, workdir)
   c = finetune.get_config(f'init={tmp_path / "src"},res=64,data=digits')
-  train.check_inputs(c, workdir)  # The same model at another size and momentum is accepted.
+  config_checks.check_inputs(c, workdir)  # The same model at another size and momentum is accepted.
   assert not os.path.exists(workdir)
 
   proc = _run(['coatnet_jax.main', '--config',
@@ -216,7 +218,6 @@ def test_predict_on_digit_files_agrees_with_the_runs_eval_on_every_example(pretr
   from coatnet_jax.data import digits as digits_source  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  from coatnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   workdir, cache = pretrain
   archive = str(tmp_path / 'digits.zip')
   _run(['coatnet_jax.tools.export', '--workdir', workdir, '--out', archive, '--platforms', 'cpu'])
@@ -235,8 +236,8 @@ def test_predict_on_digit_files_agrees_with_the_runs_eval_on_every_example(pretr
   predicted = [json.loads(l)['top'][0]['index'] for l in proc.stdout.splitlines() if l.strip()]
   # The run's own eval, example by example: its model on the eval pipeline's images.
   pre = pretrained.read(workdir)
-  model = train.build_model(pre.config, pre.num_classes)
-  logits = model.apply(pre.variables, input_pipeline.normalize(images32), train=False)
+  model = steps.build_model(pre.config, pre.num_classes)
+  logits = model.apply(pre.variables, steps.normalize(images32), train=False)
   np.testing.assert_array_equal(predicted, np.argmax(np.asarray(logits), -1))
   logged = [r for r in _metrics(workdir) if 'eval/top1' in r][-1]
   assert np.sum(np.asarray(predicted) == labels) == round(logged['eval/top1'] * len(labels))

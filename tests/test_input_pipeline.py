@@ -12,6 +12,7 @@ from configs import common
 from coatnet_jax import input_pipeline
 from coatnet_jax.data import digits
 from coatnet_jax.data import source
+from coatnet_jax import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,8 +85,8 @@ def test_train_batches_are_split_across_processes_and_resume_exactly():
 
 def test_normalize_is_the_one_place():
   x = np.full((1, 2, 2, 3), 255, np.uint8)
-  out = np.asarray(input_pipeline.normalize(x))
-  want = (255 - np.array(input_pipeline.MEAN_RGB)) / np.array(input_pipeline.STDDEV_RGB)
+  out = np.asarray(steps.normalize(x))
+  want = (255 - np.array(steps.MEAN_RGB)) / np.array(steps.STDDEV_RGB)
   np.testing.assert_allclose(out[0, 0, 0], want, rtol=1e-6)
 
 

@@ -60,12 +60,12 @@ def test_rel_pos_mlp_matches_a_brute_force_loop():
 
 
 def test_half_input_norm_sees_the_pixels_the_pipeline_normalised():
-  from coatnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from coatnet_jax import steps  # pylint: disable=g-import-not-at-top
   from coatnet_jax.models import coatnet  # pylint: disable=g-import-not-at-top
-  assert coatnet.IMAGENET_MEAN_RGB == input_pipeline.MEAN_RGB
-  assert coatnet.IMAGENET_STDDEV_RGB == input_pipeline.STDDEV_RGB
+  assert coatnet.IMAGENET_MEAN_RGB == steps.MEAN_RGB
+  assert coatnet.IMAGENET_STDDEV_RGB == steps.STDDEV_RGB
   pixels = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3)).astype(np.uint8)
-  x = input_pipeline.normalize(pixels)
+  x = steps.normalize(pixels)
   # The stem's first conv sees pixels / 127.5 - 1: capture its input and stop there (cheap).
   model = models.get_model('coatnet_pico', 3, input_norm='half')
   variables = jax.eval_shape(model.init, jax.random.key(0), x)

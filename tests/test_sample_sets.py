@@ -16,7 +16,7 @@ import pytest
 
 from coatnet_jax import input_pipeline
 from coatnet_jax import pretrained
-from coatnet_jax import train
+from coatnet_jax import steps
 from coatnet_jax.data import folders
 from coatnet_jax.tools import sample_sets
 from run_module import run_module as _run
@@ -62,10 +62,10 @@ def test_evaluate_export_and_predict_agree_with_the_runs_eval_on_every_example(
   # The final checkpoint holds the statistics the run evaluated with: its predictions, example by
   # example in the eval iterator's order (the sorted test files), reproduce the logged counts.
   pre = pretrained.read(workdir, use_ema=False)
-  model = train.build_model(pre.config, 2)
+  model = steps.build_model(pre.config, 2)
   preds, labels = [], []
   for batch in input_pipeline.eval_iterator(pre.config.data, 64):
-    logits = model.apply(pre.variables, input_pipeline.normalize(batch['image']), train=False)
+    logits = model.apply(pre.variables, steps.normalize(batch['image']), train=False)
     real = batch['mask'] > 0
     preds.append(np.argmax(np.asarray(logits), -1)[real])
     labels.append(batch['label'][real])
@@ -127,8 +127,8 @@ def test_linear_probe_features_are_the_classifiers_input(faces, faces_run):
   pre = pretrained.read(workdir, use_ema=False)
   images, _ = baseline.split_arrays(pre.config.data, 'test')
   feats = baseline.features(workdir, 32, images)
-  model = train.build_model(pre.config, 2)
-  logits = jax.jit(lambda v, x: model.apply(v, input_pipeline.normalize(x), train=False))(
+  model = steps.build_model(pre.config, 2)
+  logits = jax.jit(lambda v, x: model.apply(v, steps.normalize(x), train=False))(
       pre.variables, images)
   head = pre.variables['params']['classifier']
   np.testing.assert_allclose(feats @ head['kernel'] + head['bias'], logits, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ import pytest
 from coatnet_jax import checkpointing
 from coatnet_jax import convert
 from coatnet_jax import pretrained
-from coatnet_jax import train
+from coatnet_jax import steps
 from coatnet_jax.tools import export_timm
 from coatnet_jax.tools import import_timm
 from run_module import run_module as _run
@@ -136,7 +136,7 @@ def test_import_fine_tune_on_folders_and_export_back_to_timm(tmp_path, timm_stat
   back.load_state_dict({k: torch.from_numpy(v)
                         for k, v in safetensors_numpy.load_file(exported).items()}, strict=True)
   images = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  ours = np.asarray(train.build_model(tuned.config, 2).apply(tuned.variables, images,
+  ours = np.asarray(steps.build_model(tuned.config, 2).apply(tuned.variables, images,
                                                              train=False))
   with torch.no_grad():
     theirs = back(torch.from_numpy(convert.timm_input(images, NAME))).numpy()

@@ -18,7 +18,7 @@ from configs import quickstart
 from coatnet_jax import checkpointing
 from coatnet_jax import input_pipeline
 from coatnet_jax import pretrained
-from coatnet_jax import train
+from coatnet_jax import steps
 from run_module import run_module as _run
 
 SIZE = 40
@@ -54,7 +54,7 @@ def transfer_run(tmp_path_factory):
   _write_dataset(data)
   source = str(tmp_path_factory.mktemp('pretrained'))
   c = quickstart.get_config()
-  model = train.build_model(c, 10)
+  model = steps.build_model(c, 10)
   checkpointing.save_variables(source, c, model.init(jax.random.key(0),
                                                      np.zeros((1, 32, 32, 3), np.float32)), 10)
   workdir = str(tmp_path_factory.mktemp('transfer'))
@@ -118,10 +118,10 @@ def _sklearn_metrics(workdir, step):
   pre = pretrained.read(workdir, step=step, use_ema=False)
   assert pre.step == step
   config = pre.config
-  model = train.build_model(config, 2)
+  model = steps.build_model(config, 2)
   labels, probs = [], []
   for batch in input_pipeline.eval_iterator(config.data, 64):
-    logits = model.apply(pre.variables, input_pipeline.normalize(batch['image']), train=False)
+    logits = model.apply(pre.variables, steps.normalize(batch['image']), train=False)
     real = batch['mask'] > 0
     labels.append(batch['label'][real])
     probs.append(np.asarray(jax.nn.softmax(logits))[real])
@@ -153,11 +153,11 @@ def test_exported_model_predicts_the_folder_class_names(transfer_run, tmp_path):
   assert [r['path'] for r in rows] == images
 
   pre = pretrained.read(workdir, use_ema=False)
-  model = train.build_model(pre.config, 2)
+  model = steps.build_model(pre.config, 2)
   from coatnet_jax.data import transforms  # pylint: disable=g-import-not-at-top
   for row, path in zip(rows, images):
     image = transforms.eval_image(open(path, 'rb').read(), SIZE, None, 'bicubic').numpy()
-    logits = model.apply(pre.variables, input_pipeline.normalize(image[None]), train=False)
+    logits = model.apply(pre.variables, steps.normalize(image[None]), train=False)
     probs = np.asarray(jax.nn.softmax(logits))[0]
     assert [t['class'] for t in row['top']] == [CLASSES[i] for i in np.argsort(-probs)]
     assert [t['probability'] for t in row['top']] == pytest.approx(np.sort(probs)[::-1], abs=1e-4)
@@ -171,10 +171,10 @@ def test_class_weights_weight_each_examples_loss(accum_steps):
   c.data.image_size = 16
   c.loss.label_smoothing = 0.0
   c.accum_steps = accum_steps
-  model = train.build_model(c, 2)
-  schedule, tx = train.build_optimizer(c, 100)
+  model = steps.build_model(c, 2)
+  schedule, tx = steps.build_optimizer(c, 100)
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
-  state = train.make_init_fn(c, model, tx)()
+  state = steps.make_init_fn(c, model, tx)()
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
   labels = np.array([0, 1, 1, 1], np.int32)
@@ -184,7 +184,7 @@ def test_class_weights_weight_each_examples_loss(accum_steps):
   def weighted_mean(rows):
     # Train mode (batch statistics of these rows); the quickstart model has no stochastic depth.
     logits, _ = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                            input_pipeline.normalize(images[rows]), train=True,
+                            steps.normalize(images[rows]), train=True,
                             mutable=['batch_stats'])
     nll = -np.asarray(jax.nn.log_softmax(logits))[np.arange(len(rows)), labels[rows]]
     return np.mean(weights[labels[rows]] * nll)
@@ -192,7 +192,7 @@ def test_class_weights_weight_each_examples_loss(accum_steps):
   # Micro-batch i of the accumulated step takes rows i, i + accum, ...
   want = np.mean([weighted_mean(np.arange(4)[i::accum_steps]) for i in range(accum_steps)])
   batch = {'image': images, 'label': labels}
-  _, m = jax.jit(train.make_train_step(c, model, tx, schedule, 2, mesh, weights))(state, batch)
-  _, plain = jax.jit(train.make_train_step(c, model, tx, schedule, 2, mesh))(state, batch)
+  _, m = jax.jit(steps.make_train_step(c, model, tx, schedule, 2, mesh, weights))(state, batch)
+  _, plain = jax.jit(steps.make_train_step(c, model, tx, schedule, 2, mesh))(state, batch)
   assert float(m['loss']) == pytest.approx(float(want), rel=1e-5)
   assert abs(float(m['loss']) - float(plain['loss'])) > 1e-4

@@ -16,7 +16,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 from configs import quickstart
-from coatnet_jax import checkpointing, input_pipeline, models, optim, sharding, train
+from coatnet_jax import checkpointing, input_pipeline, models, optim, sharding, steps, train
 
 # Every block kind, as small as it gets: a few seconds to compile.
 models.VARIANTS['test_tiny'] = models.Variant(
@@ -54,9 +54,9 @@ def main(workdir, mesh):
 
   # Reload the final state and evaluate it again at other batch sizes, next to brute force.
   m = sharding.make_mesh(config.mesh)
-  model = train.build_model(config, 10)
-  schedule, tx = train.build_optimizer(config, 1438)
-  abstract = jax.eval_shape(train.make_init_fn(config, model, tx))
+  model = steps.build_model(config, 10)
+  schedule, tx = steps.build_optimizer(config, 1438)
+  abstract = jax.eval_shape(steps.make_init_fn(config, model, tx))
   shardings = sharding.tree_shardings(abstract, m, config.sharding)
   state, _ = checkpointing.restore_latest(workdir, abstract, shardings)
   sharded = [optim.path_str(p) for (p, _), s in zip(
@@ -68,14 +68,14 @@ def main(workdir, mesh):
   variables = {'params': jax.device_get(state.params),
                'batch_stats': jax.device_get(state.batch_stats)}
   logits = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, input_pipeline.normalize(images))  # All 359 at once: no padding, no mask.
+      variables, steps.normalize(images))  # All 359 at once: no padding, no mask.
   brute = int(np.sum(np.argmax(np.asarray(logits), -1) == labels))
 
   out = {'brute_correct': brute, 'eval_count': results['eval/count'],
          'eval_top1': results['eval/top1'], 'num_sharded': len(sharded)}
   for batch in (8,):
-    step = jax.jit(train.make_eval_step(config, model, 10))
-    r = train.evaluate(step, state.params, state.batch_stats,
+    step = jax.jit(steps.make_eval_step(config, model, 10))
+    r = steps.evaluate(step, state.params, state.batch_stats,
                        input_pipeline.eval_iterator(config.data, batch,
                                                     process_index=jax.process_index(),
                                                     process_count=jax.process_count()),
@@ -96,11 +96,11 @@ def main(workdir, mesh):
 
 def _nan_guard(config, model, tx, schedule, mesh, state):
   """A step whose loss is NaN returns the state it was given but for the optimizer moments (the
-  step zeroes its update rather than select the whole state: train.make_train_step), and the
+  step zeroes its update rather than select the whole state: steps.make_train_step), and the
   loop's check names it."""
   bad = config.copy_and_resolve_references()
   bad.loss.label_smoothing = float('nan')
-  step = jax.jit(train.make_train_step(bad, model, tx, schedule, 10, mesh))
+  step = jax.jit(steps.make_train_step(bad, model, tx, schedule, 10, mesh))
   batch = next(input_pipeline.train_iterator(config.data, config.batch_size, seed=0))
   new_state, metrics = step(state, sharding.global_batch(batch, mesh))
   def kept(s):
@@ -109,7 +109,7 @@ def _nan_guard(config, model, tx, schedule, mesh, state):
   same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(kept(new_state)),
                                                   jax.tree.leaves(kept(state))))
   try:
-    train._check_finite([(5, metrics['loss'])])  # pylint: disable=protected-access
+    train._check_finite([(5, metrics['loss'], metrics['finite'])])  # pylint: disable=protected-access
     message = ''
   except train.NonFiniteLossError as e:
     message = str(e)

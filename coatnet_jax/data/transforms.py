@@ -4,7 +4,7 @@ Randomness comes only from the ``seed`` argument (a [2] int tensor derived from 
 stream position) by ``streams``), never from op-level state, so the output for an example depends
 on nothing but its position in the stream: not on thread scheduling, not on what ran before.
 
-Images stay uint8 RGB; ``input_pipeline.normalize`` (on the device) is the one place that maps
+Images stay uint8 RGB; ``steps.normalize`` (on the device) is the one place that maps
 pixels to model inputs, and ``MEAN_PIXEL`` below is derived from the same constants.
 """
 

@@ -11,7 +11,7 @@ from coatnet_jax.models import blocks
 from coatnet_jax.models.variants import Variant
 
 
-# ImageNet's statistics in 0..255 pixel units: those input_pipeline.normalize applies (tested).
+# ImageNet's statistics in 0..255 pixel units: those steps.normalize applies (tested).
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 

@@ -94,16 +94,16 @@ def pixel_baselines(x_train, y_train, x_eval, y_eval):
 
 def features(init, image_size, images, batch=64):
   """The frozen pre-trained model's features (its classifier's input) of uint8 ``images``."""
-  from coatnet_jax import pretrained, train  # pylint: disable=g-import-not-at-top
+  from coatnet_jax import pretrained, steps  # pylint: disable=g-import-not-at-top
   pre = pretrained.read(init)
-  model = train.build_model(pre.config, pre.num_classes)
+  model = steps.build_model(pre.config, pre.num_classes)
   variables = pretrained.adapt(pre, model, image_size, pre.num_classes)
   pre_logits = pre.config.model.get('switches', {}).get('head_pre_logits', True)
   layer = 'pre_logits' if pre_logits else 'head_norm'
 
   @jax.jit
   def apply(x):
-    _, state = model.apply(variables, input_pipeline.normalize(x), train=False,
+    _, state = model.apply(variables, steps.normalize(x), train=False,
                            capture_intermediates=lambda m, _: m.name == layer,
                            mutable=['intermediates'])
     out = state['intermediates'][layer]['__call__'][0]

@@ -6,7 +6,7 @@ r"""Exports a checkpoint's inference function (``jax.export``) as one self-conta
 The exported function is ``fn(variables, images) -> probabilities``: ``images`` a uint8 RGB NHWC
 batch of shape (b, res, res, 3), 0..255, with a polymorphic batch ``b``; the output float32 class
 probabilities, softmax or sigmoid as the run's ``config.loss.kind``. The pixel normalisation
-(``input_pipeline.normalize``) and the model's compute dtype are inside the function. The variables
+(``steps.normalize``) and the model's compute dtype are inside the function. The variables
 are an argument, not constants: they are stored beside the function, fitted to ``res`` (the
 relative-bias tables resized as ``evaluate --res`` does).
 
@@ -44,7 +44,7 @@ from coatnet_jax import errors
 from coatnet_jax import input_pipeline
 from coatnet_jax import models
 from coatnet_jax import pretrained
-from coatnet_jax import train
+from coatnet_jax import steps
 
 EXPORTED = 'exported.bin'
 VARIABLES = 'variables.msgpack'
@@ -88,10 +88,10 @@ def inference_fn(config, model):
   kind = config.loss.kind
   if kind not in ('softmax', 'sigmoid'):
     raise errors.UserError(f'Unknown config.loss.kind {kind!r}: softmax or sigmoid.')
-  dtype = train.dtype_of(config.model.get('dtype', 'float32'))
+  dtype = steps.dtype_of(config.model.dtype)
 
   def fn(variables, images):
-    logits = model.apply(variables, input_pipeline.normalize(images, dtype), train=False)
+    logits = model.apply(variables, steps.normalize(images, dtype), train=False)
     logits = logits.astype(jnp.float32)
     return jax.nn.softmax(logits, axis=-1) if kind == 'softmax' else jax.nn.sigmoid(logits)
 
@@ -112,7 +112,7 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
     config.model.dtype = dtype
   num_classes = pre.num_classes
   names = class_names(pre.metadata, num_classes)
-  model = train.build_model(config, num_classes)
+  model = steps.build_model(config, num_classes)
   variables = pretrained.adapt(pre, model, res, num_classes)
   # The BatchNorm-folded network (models/fold.py): the same outputs with fewer passes.
   variables = _to_numpy(models.fold_batchnorm(model, variables))
@@ -135,7 +135,7 @@ def export(pre: pretrained.Pretrained, res: int = 0, platforms=DEFAULT_PLATFORMS
       'class_names': names,
       'output': config.loss.kind,
       'input': f'uint8 RGB NHWC (b, {res}, {res}, 3), 0..255',
-      'dtype': config.model.get('dtype', 'float32'),
+      'dtype': config.model.dtype,
       # The eval transform the run applied (input_pipeline.eval_protocol); predict applies it.
       'crop_fraction': protocol['crop_fraction'],
       'eval_resize_method': protocol['resize_method'],

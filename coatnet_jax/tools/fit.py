@@ -5,7 +5,7 @@ r"""Fit before you pay: compile the train step ahead of time for a mesh and prin
   python -m coatnet_jax.tools.fit --config configs/jft_pretrain.py:variant=coatnet_5 \
       --config.num_classes=18291 --mesh data=2,fsdp=4 --batch_size 64 --accelerator v5p
 
-The train step (``train.make_train_step``, the trainer's own) is lowered with the trainer's
+The train step (``steps.make_train_step``, the trainer's own) is lowered with the trainer's
 shardings on fake CPU devices, one per mesh position, and compiled; XLA's memory analysis of the
 compiled step is per device. Nothing is initialised and no dataset is read: the state comes from
 ``jax.eval_shape`` of the init function and the batch is a ``jax.ShapeDtypeStruct``.
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
+from coatnet_jax import config_checks
 from coatnet_jax import errors
 from coatnet_jax import sharding
-from coatnet_jax import train
+from coatnet_jax import steps
 
 GiB = 2**30
 
@@ -95,7 +96,7 @@ class Fit:
 
 def dataset_info(config, num_classes=None, train_size=None):
   known = DATASETS.get(config.data.name, (None, None))
-  num_classes = num_classes or config.get('num_classes') or known[0]
+  num_classes = num_classes or config.num_classes or known[0]
   if not num_classes:
     raise ValueError(f'Unknown dataset {config.data.name!r}: pass --num_classes.')
   return num_classes, known[1] or train_size or 1_000_000
@@ -103,9 +104,9 @@ def dataset_info(config, num_classes=None, train_size=None):
 
 def abstract_state(config, mesh, num_classes: int, train_size: int):
   """(model, schedule, tx, abstract state, state shardings), as the trainer builds them."""
-  model = train.build_model(config, num_classes)
-  schedule, tx = train.build_optimizer(config, train_size)
-  state = jax.eval_shape(train.make_init_fn(config, model, tx))
+  model = steps.build_model(config, num_classes)
+  schedule, tx = steps.build_optimizer(config, train_size)
+  state = jax.eval_shape(steps.make_init_fn(config, model, tx))
   return model, schedule, tx, state, sharding.tree_shardings(state, mesh, config.sharding)
 
 
@@ -118,10 +119,10 @@ def bytes_per_device(tree, shardings) -> int:
 def compile_train_step(config, mesh, batch_size: int, num_classes: int, train_size: int) -> Fit:
   """Lowers and compiles the trainer's step for ``mesh``; returns its per-device memory."""
   model, schedule, tx, state, shardings = abstract_state(config, mesh, num_classes, train_size)
-  batch = train.abstract_batch(config, batch_size, num_classes, sharding.batch_sharding(mesh))
+  batch = steps.abstract_batch(config, batch_size, num_classes, sharding.batch_sharding(mesh))
   state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           state, shardings)
-  step = train.jit_train_step(config, model, tx, schedule, num_classes, mesh, shardings)
+  step = steps.jit_train_step(config, model, tx, schedule, num_classes, mesh, shardings)
   t0 = time.perf_counter()
   m = step.lower(state_in, batch).compile().memory_analysis()
   compile_s = time.perf_counter() - t0
@@ -171,6 +172,9 @@ def main(argv):
   jax.config.update('jax_platforms', 'cpu')
   jax.config.update('jax_num_cpu_devices', n)
   config = _CONFIG.value
+  problems = config_checks.missing_fields(config)
+  if problems:
+    raise errors.UserError(*problems)
   batch_size = _BATCH.value or config.batch_size
   if batch_size % n:
     raise errors.UserError(f'Batch {batch_size} is not divisible by {n} devices.')
