@@ -39,6 +39,7 @@ from coatnet_jax import pretrained
 from coatnet_jax import sharding
 from coatnet_jax import steps as steps_lib
 from coatnet_jax import workdir_lock
+from coatnet_jax.data import source as data_source
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -216,7 +217,7 @@ class _Run:
   """What the loop, its evaluations and its saves share: the state and where it goes."""
   config: ml_collections.ConfigDict
   workdir: str
-  info: input_pipeline.DatasetInfo
+  info: data_source.DatasetInfo
   num_classes: int
   mesh: jax.sharding.Mesh
   steps: int  # The last step of the run.
