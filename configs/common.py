@@ -102,8 +102,10 @@ def get_base_config():
   c.optim.clip_norm = 1.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
-  # Regexes on parameter paths that take no weight decay: norms, biases, relative-bias tables.
-  # The last two: timm's relative-position MLP and layer scales (timm decays neither).
+  c.optim.eps = 1e-8  # AdamW's epsilon (optax's default).
+  # Regexes on parameter paths that take no weight decay: norms, biases, relative-bias tables
+  # (paper's code; 'Traps' in the reference notes). The last two: timm's relative-position MLP
+  # and layer scales (timm decays neither).
   c.optim.no_decay = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$',
                       r'(^|/)rel_pos_mlp/', r'(^|/)(attn|ffn)_scale$')
 
