@@ -26,13 +26,14 @@ def parse_arg(arg, **defaults):
   return out
 
 
-def model_switches():
-  """Every field of ``models.Options`` with its default, declared there once, so that each can be
-  set with ``--config.model.switches.NAME=VALUE`` (a field added to Options appears here too)."""
-  hints = typing.get_type_hints(models.Options)
+def model_switches(options_class):
+  """Every field of ``options_class`` (``models.Options``) with its default, declared there once,
+  so that each can be set with ``--config.model.switches.NAME=VALUE`` (a field added to Options
+  appears here too)."""
+  hints = typing.get_type_hints(options_class)
   switches = ml_collections.ConfigDict()
-  for field in dataclasses.fields(models.Options):
-    default = getattr(models.Options(), field.name)
+  for field in dataclasses.fields(options_class):
+    default = getattr(options_class(), field.name)
     if default is None:  # Optional[X]: a typed reference, so that an override parses as X.
       kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), str)
       default = ml_collections.FieldReference(None, field_type=kind)
@@ -50,7 +51,7 @@ def get_base_config():
   c.model.name = 'coatnet_0'
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
   c.model.drop_path_rate = 0.0
-  c.model.switches = model_switches()  # Every models.Options field, with its default there.
+  c.model.switches = model_switches(models.Options)  # Every models.Options field, with its default there.
   # Rematerialisation per block in the backward pass: 'none', 'block' (recompute each block from
   # its input) or 'dots' (keep matmul outputs only); less memory for more compute (README).
   c.model.remat = 'none'
