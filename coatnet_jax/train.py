@@ -32,6 +32,7 @@ import optax
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 
+from coatnet_jax import architecture
 from coatnet_jax import batchnorm_stats
 from coatnet_jax import checkpointing
 from coatnet_jax import config_checks
@@ -63,7 +64,8 @@ def dtype_of(name: str):
 
 def build_model(config, num_classes: int):
   m = config.model
-  return models.get_model(m.name, num_classes, dtype=dtype_of(m.get('dtype', 'float32')),
+  return models.get_model(architecture.of_model_config(m).variant, num_classes,
+                          dtype=dtype_of(m.get('dtype', 'float32')),
                           drop_path_rate=m.get('drop_path_rate', 0.0),
                           remat=m.get('remat', 'none'), **dict(m.get('switches', {})))
 
@@ -326,8 +328,10 @@ def check_inputs(config, workdir: str):
   except workdir_lock.WorkdirBusyError as e:
     raise InputError(str(e)) from e
   problems = config_checks.static_problems(config)
-  if config.model.name not in models.VARIANTS:
-    problems.append(f'Unknown model {config.model.name!r}; valid: {", ".join(models.VARIANTS)}.')
+  try:
+    architecture.of_model_config(config.model)
+  except ValueError as e:
+    problems.append(str(e))
   if config.loss.get('class_weights') not in ('', None, 'balanced'):
     problems.append(f'loss.class_weights={config.loss.class_weights!r}; valid: "balanced" or "".')
   try:
@@ -360,7 +364,7 @@ def check_inputs(config, workdir: str):
   if init_path and checkpointing.latest_metadata(workdir) is None:  # Resuming never reads init.
     try:
       saved, _, _ = pretrained.read_metadata(init_path, config.init.get('step') or None)
-      pretrained.check_compatible(saved, config, f'init={init_path}')
+      pretrained.check_compatible(saved, expected, f'init={init_path}')
     except pretrained.InitError as e:
       raise InputError(str(e)) from e
   return info, num_classes

@@ -48,7 +48,11 @@ def get_base_config():
   c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: the dataset's.
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'coatnet_0'
+  c.model.name = 'coatnet_0'  # A layout of models.VARIANTS, or one of extra_variants.
+  # Layouts the table lacks, by name, as models.Variant fields (coatnet_jax/architecture.py), e.g.
+  # {'my_size': dict(stem_width=32, head_size=32, stages=((('C', 32, 1),), (('C', 64, 1),),
+  #                                                       (('T', 128, 2),), (('T', 256, 1),)))}.
+  c.model.extra_variants = ml_collections.ConfigDict()
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
   c.model.drop_path_rate = 0.0
   c.model.switches = model_switches(models.Options)  # Every models.Options field, with its default there.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from coatnet_jax import architecture
 from coatnet_jax import checkpointing
 from coatnet_jax import train
 
@@ -32,17 +33,17 @@ def _save(workdir, step, state, meta, metrics=None, keep=3, best=None):
 
 def test_architecture_id_tracks_variant_switches_and_classes():
   c = quickstart.get_config()
-  a = checkpointing.architecture_id(c, 10)
-  assert a == checkpointing.architecture_id(quickstart.get_config(), 10)
-  assert a != checkpointing.architecture_id(c, 11)
+  a = architecture.architecture_id(c, 10)
+  assert a == architecture.architecture_id(quickstart.get_config(), 10)
+  assert a != architecture.architecture_id(c, 11)
   c.model.switches.bn_momentum = 0.99
-  assert a != checkpointing.architecture_id(c, 10)
+  assert a != architecture.architecture_id(c, 10)
   d = quickstart.get_config()
   d.model.name = 'coatnet_0'
-  assert a != checkpointing.architecture_id(d, 10)
+  assert a != architecture.architecture_id(d, 10)
   e = quickstart.get_config()
   e.model.switches.pool = 'max'  # The default, spelled out: the same model, the same id.
-  assert a == checkpointing.architecture_id(e, 10)
+  assert a == architecture.architecture_id(e, 10)
   meta = checkpointing.make_metadata(c, 10, 7)
   assert meta['data_position'] == 7 and meta['config']['model']['name'] == 'coatnet_pico'
 

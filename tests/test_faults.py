@@ -1,8 +1,8 @@
 """Issue 5: a run is never lost. Each fault is injected into the real main, in subprocesses.
 
-The model is the tiny ``test_tiny`` variant (registered by tests/fault_main.py) on the quickstart
-data and batch (digits, batch 64, 32x32), whose batches are a pure function of (seed, step), so a
-resumed run must end bitwise equal to an uninterrupted one on the same device count.
+The model is the tiny ``test_tiny`` layout (written out by tests/tiny_quickstart.py) on the
+quickstart data and batch (digits, batch 64, 32x32), whose batches are a pure function of (seed,
+step), so a resumed run must end bitwise equal to an uninterrupted one on the same device count.
 """
 
 import json
@@ -23,8 +23,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, 'tests', 'fault_main.py')
-TINY = ['--config', 'configs/quickstart.py:smoke', '--config.model.name=test_tiny',
-        '--config.log_every_steps=1', '--config.tensorboard=False']
+TINY = ['--config', 'tests/tiny_quickstart.py:smoke', '--config.log_every_steps=1',
+        '--config.tensorboard=False']
 STEPS = 30
 REF_ARGS = ['--config.checkpoint_every_steps=4', '--config.keep_checkpoints=4']
 
