@@ -94,7 +94,7 @@ def save_variables(workdir: str, config, variables: dict, num_classes: int,
   state = {'step': np.zeros((), np.int32), 'params': variables['params'],
            'batch_stats': variables.get('batch_stats') or {}}
   save(manager, 0, state, make_metadata(config, num_classes, 0, class_names))
-  wait(manager)
+  wait(manager, config.checkpoint_timeout_s)
   manager.close()
 
 
@@ -106,14 +106,13 @@ def save(manager: ocp.CheckpointManager, step: int, state, metadata: dict,
                metrics=metrics, force=True)
 
 
-# A save that neither finishes nor fails in this time is reported as failed: Orbax can hang when a
-# background write fails at an unlucky moment (seen with a full disk).
-WAIT_TIMEOUT_S = 600.0
+def wait(manager: ocp.CheckpointManager, timeout_s: float) -> None:
+  """Waits for the pending save; an error in it (disk full, ...) is raised here, one line.
 
-
-def wait(manager: ocp.CheckpointManager, timeout_s: Optional[float] = None) -> None:
-  """Waits for the pending save; an error in it (disk full, ...) is raised here, one line."""
-  timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
+  A save that neither finishes nor fails within ``timeout_s`` (``config.checkpoint_timeout_s``)
+  is reported as failed: Orbax can hang when a background write fails at an unlucky moment (seen
+  with a full disk).
+  """
   errors = []
 
   def run():

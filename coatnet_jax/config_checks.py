@@ -24,6 +24,7 @@ RESUME_MAY_CHANGE = (
     'total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
     'keep_checkpoints', 'best_metric', 'best_mode', 'eval_batch_size', 'classification_metrics',
     'tensorboard', 'profile_steps', 'compilation_cache_dir', 'async_checkpointing',
+    'checkpoint_timeout_s',
     'allow_resume_changes', 'allow_partial_load', 'data.data_dir', 'data.eval_split',
     'mesh.', 'sharding.', 'init.')  # init is never read on a resume.
 

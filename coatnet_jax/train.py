@@ -625,7 +625,7 @@ def _train_and_evaluate(config, workdir: str, info, num_classes: int) -> dict:
   def finish_save():
     """Waits for the save under way; a failure of it (disk full, ...) stops the run, one line."""
     try:
-      checkpointing.wait(manager)
+      checkpointing.wait(manager, config.checkpoint_timeout_s)
     except checkpointing.CheckpointError as e:
       raise checkpointing.CheckpointError(
           f'Saving the checkpoint of step {saving[-1] if saving else "?"} failed; the newest '

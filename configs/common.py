@@ -150,6 +150,9 @@ def get_base_config():
   c.best_metric = ml_collections.FieldReference(None, field_type=str)  # None: top1 or prec@1.
   c.best_mode = 'max'
   c.async_checkpointing = True
+  # A save that neither finishes nor fails in this time stops the run as failed (Orbax can hang
+  # when a background write fails, seen with a full disk); raise it for very slow storage.
+  c.checkpoint_timeout_s = 600.0
   # Load a checkpoint of another architecture: only leaves whose path and shape match.
   c.allow_partial_load = False
   # Resume although fields that change what the run computes (batch, seed, optimizer, schedule,

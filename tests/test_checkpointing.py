@@ -27,7 +27,7 @@ def _shardings(tree):
 def _save(workdir, step, state, meta, metrics=None, keep=3, best=None):
   manager = checkpointing.make_manager(workdir, keep, best_metric=best)
   checkpointing.save(manager, step, state, meta, metrics)
-  checkpointing.wait(manager)
+  checkpointing.wait(manager, 600.0)
   manager.close()
 
 
@@ -87,7 +87,7 @@ def test_keeps_latest_n_and_the_best(tmp_path):
   for step, value in top1.items():
     metrics = None if value is None else {'eval/top1': value}
     checkpointing.save(manager, step, {'x': jnp.full((2,), step)}, _meta('a', step=step), metrics)
-  checkpointing.wait(manager)
+  checkpointing.wait(manager, 600.0)
   assert sorted(manager.all_steps()) == [2, 5, 6]
   manager.close()
 

@@ -248,9 +248,9 @@ def test_disk_full_during_save_stops_clearly_and_keeps_previous(tmp_path, cache)
   try:
     workdir = os.path.join(mnt, 'run')
     proc = _start(workdir, 100_000, ['--config.checkpoint_every_steps=3',
-                                     '--config.log_every_steps=100000'],
-                  cache_dir=cache, log=str(tmp_path / 'log'),
-                  env_extra={'COATNET_TEST_SAVE_TIMEOUT_S': '30'})
+                                     '--config.log_every_steps=100000',
+                                     '--config.checkpoint_timeout_s=30'],
+                  cache_dir=cache, log=str(tmp_path / 'log'))
     marker = os.path.join(workdir, 'checkpoints', '3', 'commit_success.txt')
     _wait_for(lambda: os.path.exists(marker), proc)
     before = _tree_snapshot(os.path.join(workdir, 'checkpoints', '3'))
