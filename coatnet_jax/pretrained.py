@@ -121,8 +121,8 @@ def timm_architecture(path: Optional[str], variant: str) -> tuple[str, dict]:
   if not path:
     return variant, dataclasses.asdict(models.TIMM_OPTIONS)
   metadata, _, _ = read_metadata(path)
-  saved = (metadata.get('config') or {}).get('model') or {}
-  return metadata['model'], dict(saved.get('switches') or {})
+  saved = architecture.of_metadata(metadata)
+  return saved.name, dataclasses.asdict(saved.options)
 
 
 def _has_arrays(tree) -> bool:
