@@ -64,10 +64,10 @@ def dtype_of(name: str):
 
 def build_model(config, num_classes: int):
   m = config.model
-  return models.get_model(architecture.of_model_config(m).variant, num_classes,
-                          dtype=dtype_of(m.get('dtype', 'float32')),
+  arch = architecture.of_model_config(m)  # The layout and switches, resolved.
+  return models.get_model(arch.variant, num_classes, dtype=dtype_of(m.get('dtype', 'float32')),
                           drop_path_rate=m.get('drop_path_rate', 0.0),
-                          remat=m.get('remat', 'none'), **dict(m.get('switches', {})))
+                          remat=m.get('remat', 'none'), options=arch.options)
 
 
 def total_steps(config, train_size: int) -> int:
