@@ -55,7 +55,7 @@ def get_base_config():
   c.model.extra_variants = ml_collections.ConfigDict()
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
   c.model.drop_path_rate = 0.0
-  c.model.switches = model_switches(models.Options)  # Every models.Options field, with its default there.
+  c.model.switches = model_switches(models.Options)  # Every Options field, its default there.
   # Rematerialisation per block in the backward pass: 'none', 'block' (recompute each block from
   # its input) or 'dots' (keep matmul outputs only); less memory for more compute (README).
   c.model.remat = 'none'
