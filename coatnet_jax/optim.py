@@ -2,8 +2,8 @@
 
 Weight decay skips the parameters ``config.optim.no_decay`` names: by default norms, biases and the
 relative-bias tables (decaying them is a known trap for ViT-like models; see the project's
-reference notes). Gradient accumulation lives in the train step (micro-batches scanned inside one jitted step),
-so one optimizer update is one step everywhere: schedules, logs, checkpoints.
+reference notes). Gradient accumulation lives in the train step (micro-batches scanned inside one
+jitted step), so one optimizer update is one step everywhere: schedules, logs, checkpoints.
 """
 
 import re
