@@ -67,9 +67,10 @@ def make_metadata(config, num_classes: int, step: int, class_names=()) -> dict:
   return meta
 
 
-def make_manager(workdir: str, keep: int = 3, best_metric: Optional[str] = None,
-                 best_mode: str = 'max', async_save: bool = True) -> ocp.CheckpointManager:
-  """Keeps the latest ``keep`` steps, plus the best by ``best_metric`` (from ``save(metrics=)``)."""
+def make_manager(workdir: str, keep: int, *, async_save: bool, best_metric: Optional[str] = None,
+                 best_mode: str = 'max') -> ocp.CheckpointManager:
+  """Keeps the latest ``keep`` steps, plus, when ``best_metric`` is named, the best by it (from
+  ``save(metrics=)``, ``best_mode`` 'max' or 'min'); a run passes its config's fields."""
   policies = [ocm.preservation_policy.LatestN(n=keep)]
   if best_metric:
     policies.append(ocm.preservation_policy.BestN(

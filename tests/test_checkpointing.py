@@ -25,7 +25,7 @@ def _shardings(tree):
 
 
 def _save(workdir, step, state, meta, metrics=None, keep=3, best=None):
-  manager = checkpointing.make_manager(workdir, keep, best_metric=best)
+  manager = checkpointing.make_manager(workdir, keep, async_save=True, best_metric=best)
   checkpointing.save(manager, step, state, meta, metrics)
   checkpointing.wait(manager, 600.0)
   manager.close()
@@ -82,7 +82,7 @@ def test_same_architecture_restores_exactly(tmp_path):
 
 def test_keeps_latest_n_and_the_best(tmp_path):
   workdir = str(tmp_path)
-  manager = checkpointing.make_manager(workdir, keep=2, best_metric='eval/top1')
+  manager = checkpointing.make_manager(workdir, keep=2, async_save=True, best_metric='eval/top1')
   top1 = {1: 0.1, 2: 0.9, 3: 0.2, 4: None, 5: 0.4, 6: None}
   for step, value in top1.items():
     metrics = None if value is None else {'eval/top1': value}
