@@ -19,8 +19,6 @@ Restoring goes straight into the shardings of the abstract state, whatever the d
 the run that saved it, so a resumed run is born sharded exactly like a fresh one.
 """
 
-import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -34,12 +32,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from coatnet_jax import architecture
 from coatnet_jax import errors
 from coatnet_jax import optim
 from coatnet_jax import sharding
 
-# Bump when the parameter tree a (variant, switches, num_classes) builds changes meaning.
-ARCHITECTURE_VERSION = 1
 CHECKPOINTS = 'checkpoints'
 DAMAGED = 'damaged_checkpoints'
 # Files Orbax writes last (commit markers) or needs first; a step without one is not intact.
@@ -55,42 +52,13 @@ class ArchitectureMismatchError(CheckpointError):
   pass
 
 
-# Fields of models.Variant / models.Options added after ARCHITECTURE_VERSION 1 (timm's rw models).
-_LATER_FIELDS = {
-    'variant': ('stem_hidden',),
-    'switches': ('conv_act', 'mbconv_pre_norm_act', 'mbconv_expand_from', 'mbconv_output_bias',
-                 'se_act', 'se_early', 'attention_width', 'transformer_shortcut_bias',
-                 'transformer_norm', 'layer_scale', 'rel_pos', 'rel_pos_mlp_width', 'head_norm',
-                 'input_norm'),
-}
-
-
 def checkpoint_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, CHECKPOINTS))
 
 
-def architecture_id(config, num_classes: int) -> str:
-  """A short hash of what fixes the parameter tree: variant layout, switches, classes, version."""
-  from coatnet_jax import models  # pylint: disable=g-import-not-at-top
-  m = config.model
-  desc = {'variant': dataclasses.asdict(models.VARIANTS[m.name]),
-          # Resolved options: a switch set to its default names the same model as one left out.
-          'switches': dataclasses.asdict(dataclasses.replace(models.Options(),
-                                                             **dict(m.get('switches', {})))),
-          'num_classes': int(num_classes), 'version': ARCHITECTURE_VERSION}
-  # Fields added later enter only when set away from their default, so earlier ids stay valid.
-  defaults = {'variant': {'stem_hidden': None},
-              'switches': dataclasses.asdict(models.Options())}
-  for part, later in _LATER_FIELDS.items():
-    for field in later:
-      if desc[part][field] == defaults[part][field]:
-        del desc[part][field]
-  blob = json.dumps(desc, sort_keys=True, default=str).encode()
-  return f'v{ARCHITECTURE_VERSION}-{hashlib.sha256(blob).hexdigest()[:16]}'
-
-
 def make_metadata(config, num_classes: int, step: int, class_names=()) -> dict:
-  meta = {'model': config.model.name, 'architecture': architecture_id(config, num_classes),
+  meta = {'model': config.model.name,
+          'architecture': architecture.architecture_id(config, num_classes),
           'num_classes': int(num_classes), 'step': int(step),
           'data_position': int(step),  # The input pipelines are pure functions of (seed, step).
           'config': json.loads(config.to_json_best_effort())}
@@ -99,9 +67,10 @@ def make_metadata(config, num_classes: int, step: int, class_names=()) -> dict:
   return meta
 
 
-def make_manager(workdir: str, keep: int = 3, best_metric: Optional[str] = None,
-                 best_mode: str = 'max', async_save: bool = True) -> ocp.CheckpointManager:
-  """Keeps the latest ``keep`` steps, plus the best by ``best_metric`` (from ``save(metrics=)``)."""
+def make_manager(workdir: str, keep: int, *, async_save: bool, best_metric: Optional[str] = None,
+                 best_mode: str = 'max') -> ocp.CheckpointManager:
+  """Keeps the latest ``keep`` steps, plus, when ``best_metric`` is named, the best by it (from
+  ``save(metrics=)``, ``best_mode`` 'max' or 'min'); a run passes its config's fields."""
   policies = [ocm.preservation_policy.LatestN(n=keep)]
   if best_metric:
     policies.append(ocm.preservation_policy.BestN(
@@ -126,7 +95,7 @@ def save_variables(workdir: str, config, variables: dict, num_classes: int,
   state = {'step': np.zeros((), np.int32), 'params': variables['params'],
            'batch_stats': variables.get('batch_stats') or {}}
   save(manager, 0, state, make_metadata(config, num_classes, 0, class_names))
-  wait(manager)
+  wait(manager, config.checkpoint_timeout_s)
   manager.close()
 
 
@@ -138,14 +107,13 @@ def save(manager: ocp.CheckpointManager, step: int, state, metadata: dict,
                metrics=metrics, force=True)
 
 
-# A save that neither finishes nor fails in this time is reported as failed: Orbax can hang when a
-# background write fails at an unlucky moment (seen with a full disk).
-WAIT_TIMEOUT_S = 600.0
+def wait(manager: ocp.CheckpointManager, timeout_s: float) -> None:
+  """Waits for the pending save; an error in it (disk full, ...) is raised here, one line.
 
-
-def wait(manager: ocp.CheckpointManager, timeout_s: Optional[float] = None) -> None:
-  """Waits for the pending save; an error in it (disk full, ...) is raised here, one line."""
-  timeout_s = WAIT_TIMEOUT_S if timeout_s is None else timeout_s
+  A save that neither finishes nor fails within ``timeout_s`` (``config.checkpoint_timeout_s``)
+  is reported as failed: Orbax can hang when a background write fails at an unlucky moment (seen
+  with a full disk).
+  """
   failed = []
 
   def run():
@@ -198,18 +166,16 @@ def latest_metadata(workdir: str) -> Optional[dict]:
   return None
 
 
-def check_compatible(saved: dict, expected: dict, allow_partial: bool, where: str) -> None:
-  """Refuses a checkpoint of another architecture, in one line, unless partial loads are on."""
-  if saved.get('architecture') == expected['architecture']:
-    return
-  message = (f'{where} holds checkpoints of model {saved.get("model")!r} (architecture '
-             f'{saved.get("architecture")}, {saved.get("num_classes")} classes); this config '
-             f'builds {expected["model"]!r} (architecture {expected["architecture"]}, '
-             f'{expected["num_classes"]} classes). Use another workdir, or set '
-             f'--config.allow_partial_load=True to load the matching leaves.')
+def _check_resume(saved: dict, expected: dict, allow_partial: bool, where: str) -> bool:
+  """Whether a resume from ``saved`` loads partially: a checkpoint of another architecture is
+  refused in one line unless partial loads are on."""
+  problem = architecture.refusal(saved, expected, where)
+  if problem is None:
+    return False
   if not allow_partial:
-    raise ArchitectureMismatchError(message)
-  logging.warning('Partial load: %s', message)
+    raise ArchitectureMismatchError(problem)
+  logging.warning('Partial load: %s', problem)
+  return True
 
 
 def _set_aside(workdir: str, step: int, why: str) -> None:
@@ -250,8 +216,7 @@ def restore_latest(workdir: str, abstract_state, shardings, expected: Optional[d
       saved = None
     partial = False
     if expected is not None and saved is not None:
-      check_compatible(saved, expected, allow_partial, workdir)
-      partial = saved.get('architecture') != expected['architecture']
+      partial = _check_resume(saved, expected, allow_partial, workdir)
     # A read-only manager: nothing on disk changes while we probe.
     reader = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
         read_only=True, enable_async_checkpointing=False), item_handlers=_handlers())
@@ -338,4 +303,4 @@ def check_workdir(workdir: str, expected: dict, allow_partial: bool) -> None:
                           f'{e.strerror or e}).') from e
   saved = latest_metadata(workdir)
   if saved is not None:
-    check_compatible(saved, expected, allow_partial, f'Workdir {workdir}')
+    _check_resume(saved, expected, allow_partial, f'Workdir {workdir}')

@@ -15,10 +15,10 @@ from typing import Optional
 import jax
 import ml_collections
 
+from coatnet_jax import architecture
 from coatnet_jax import checkpointing
 from coatnet_jax import errors
 from coatnet_jax import input_pipeline
-from coatnet_jax import models
 from coatnet_jax import pretrained
 from coatnet_jax import steps as steps_lib
 from coatnet_jax import workdir_lock
@@ -37,6 +37,7 @@ RESUME_MAY_CHANGE = (
     'total_steps', 'num_epochs', 'log_every_steps', 'eval_every_steps', 'checkpoint_every_steps',
     'keep_checkpoints', 'best_metric', 'best_mode', 'eval_batch_size', 'classification_metrics',
     'tensorboard', 'profile_steps', 'compilation_cache_dir', 'async_checkpointing',
+    'checkpoint_timeout_s',
     'allow_resume_changes', 'allow_partial_load', 'data.data_dir', 'data.eval_split',
     'mesh.', 'sharding.', 'init.')  # init is never read on a resume.
 
@@ -243,14 +244,13 @@ def check_inputs(config, workdir: str):
   problems = missing_fields(config)
   if problems:  # Every other check reads the fields.
     raise errors.UserError(*problems)
-  try:
-    if jax.process_index() == 0:  # The lock is process 0's (the others of its run see it held).
-      workdir_lock.check_free(workdir)
-  except workdir_lock.WorkdirBusyError as e:
-    raise errors.UserError(str(e)) from e
+  if jax.process_index() == 0:  # The lock is process 0's (the others of its run see it held).
+    workdir_lock.check_free(workdir)
   problems = static_problems(config)
-  if config.model.name not in models.VARIANTS:
-    problems.append(f'Unknown model {config.model.name!r}; valid: {", ".join(models.VARIANTS)}.')
+  try:
+    architecture.of_model_config(config.model)
+  except ValueError as e:
+    problems.append(str(e))
   if config.loss.class_weights not in ('', None, 'balanced'):
     problems.append(f'loss.class_weights={config.loss.class_weights!r}; valid: "balanced" or "".')
   try:
@@ -287,11 +287,8 @@ def _check_model_and_workdir(config, workdir: str, num_classes: int, steps: int)
     raise errors.UserError(*resume_problems)
   init_path = config.init.path
   if init_path and checkpointing.latest_metadata(workdir) is None:  # Resuming never reads init.
-    try:
-      saved, _, _ = pretrained.read_metadata(init_path, config.init.step or None)
-      pretrained.check_compatible(saved, config, f'init={init_path}')
-    except pretrained.InitError as e:
-      raise errors.UserError(str(e)) from e
+    saved, _, _ = pretrained.read_metadata(init_path, config.init.step or None)
+    pretrained.check_compatible(saved, expected, f'init={init_path}')
 
 
 def resume_changes(config, workdir: str, steps: int):

@@ -25,7 +25,6 @@ from typing import Iterator
 
 import numpy as np
 
-from coatnet_jax.data import DataNotFoundError  # pylint: disable=unused-import (re-exported)
 from coatnet_jax.data import digits
 from coatnet_jax.data import source
 from coatnet_jax.data import tf_source

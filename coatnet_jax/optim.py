@@ -1,9 +1,9 @@
 """The optimizer of the paper's recipes: warm-up + cosine/linear/constant, AdamW, clipping, EMA.
 
-Weight decay skips norms, biases and the relative-bias tables by default (decaying them is a known
-trap for ViT-like models; see the project's reference notes); ``config.optim.no_decay`` changes
-that. Gradient accumulation lives in the train step (micro-batches scanned inside one jitted step),
-so one optimizer update is one step everywhere: schedules, logs, checkpoints.
+Weight decay skips the parameters ``config.optim.no_decay`` names: by default norms, biases and the
+relative-bias tables (decaying them is a known trap for ViT-like models; see the project's
+reference notes). Gradient accumulation lives in the train step (micro-batches scanned inside one
+jitted step), so one optimizer update is one step everywhere: schedules, logs, checkpoints.
 """
 
 import re
@@ -18,11 +18,11 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int = 0) -> optax.S
 
   ``warmup_steps`` counts optimizer steps; ``warmup_epochs`` (if set) overrides it.
   """
-  warmup = config.get('warmup_steps', 0)
-  if config.get('warmup_epochs'):
+  warmup = config.warmup_steps
+  if config.warmup_epochs:
     warmup = int(round(config.warmup_epochs * steps_per_epoch))
   warmup = min(warmup, total_steps)
-  peak, end = config.lr, config.get('min_lr', 0.0)
+  peak, end = config.lr, config.min_lr
   decay_steps = max(total_steps - warmup, 1)
   if config.schedule == 'cosine':
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
@@ -35,12 +35,6 @@ def make_schedule(config, total_steps: int, steps_per_epoch: int = 0) -> optax.S
   if not warmup:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-# Parameter paths that take no weight decay by default: norms' scale/bias, every bias, and the
-# relative-position bias tables (paper's code; 'Traps' in the reference notes).
-DEFAULT_NO_DECAY = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$',
-                    r'(^|/)rel_pos_mlp/', r'(^|/)(attn|ffn)_scale$')
 
 
 def path_str(path) -> str:
@@ -56,8 +50,9 @@ def path_str(path) -> str:
   return '/'.join(parts)
 
 
-def weight_decay_mask(params, no_decay=DEFAULT_NO_DECAY):
-  """True where a parameter takes weight decay; ``no_decay`` are regexes on 'a/b/c' paths."""
+def weight_decay_mask(params, no_decay):
+  """True where a parameter takes weight decay; ``no_decay`` are regexes on 'a/b/c' paths
+  (``config.optim.no_decay``)."""
   patterns = [re.compile(p) for p in no_decay]
   return jax.tree_util.tree_map_with_path(
       lambda path, _: not any(p.search(path_str(path)) for p in patterns), params)
@@ -65,12 +60,12 @@ def weight_decay_mask(params, no_decay=DEFAULT_NO_DECAY):
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW with the decay mask; ``config`` is ``config.optim``."""
-  no_decay = tuple(config.get('no_decay', DEFAULT_NO_DECAY))
+  no_decay = tuple(config.no_decay)
   parts = []
-  if config.get('clip_norm'):
+  if config.clip_norm:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
-  parts.append(optax.adamw(schedule, b1=config.get('b1', 0.9), b2=config.get('b2', 0.999),
-                           eps=config.get('eps', 1e-8), weight_decay=config.weight_decay,
+  parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay,
                            mask=lambda p: weight_decay_mask(p, no_decay)))
   return optax.chain(*parts)
 

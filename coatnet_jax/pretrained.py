@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from coatnet_jax import architecture
 from coatnet_jax import checkpointing
 from coatnet_jax import errors
 from coatnet_jax import models
@@ -122,37 +123,21 @@ def timm_architecture(path: Optional[str], variant: str) -> tuple[str, dict]:
   if not path:
     return variant, dataclasses.asdict(models.TIMM_OPTIONS)
   metadata, _, _ = read_metadata(path)
-  saved = (metadata.get('config') or {}).get('model') or {}
-  return metadata['model'], dict(saved.get('switches') or {})
+  saved = architecture.of_metadata(metadata)
+  return saved.name, dataclasses.asdict(saved.options)
 
 
 def _has_arrays(tree) -> bool:
   return bool(jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, 'shape')))
 
 
-def _switches(model_config) -> dict:
-  """The switches that change the function; BatchNorm's momentum only changes training."""
-  out = dataclasses.asdict(dataclasses.replace(models.Options(),
-                                               **dict(model_config.get('switches') or {})))
-  del out['bn_momentum']
-  return out
-
-
-def check_compatible(metadata: dict, config, where: str) -> None:
-  """Refuses (one line) a source of another variant or other switches; class counts may differ."""
-  saved_model = metadata.get('model')
-  saved_switches = _switches(ml_collections.ConfigDict(
-      (metadata.get('config') or {}).get('model') or {}))
-  want_switches = _switches(config.model)
-  if saved_model == config.model.name and saved_switches == want_switches:
-    return
-  diff = {k: (saved_switches[k], want_switches[k]) for k in want_switches
-          if saved_switches[k] != want_switches[k]}
-  raise InitError(
-      f'{where} holds {saved_model!r} but this config builds {config.model.name!r}'
-      + (f'; switches differ (saved, config): {diff}' if diff else '')
-      + '. Use the same variant and switches as the source (weights imported from timm need '
-        'the :timm config argument).')
+def check_compatible(metadata: dict, expected: dict, where: str) -> None:
+  """Refuses (one line) a source that cannot be fitted to the run whose checkpoint metadata would
+  be ``expected`` (``checkpointing.make_metadata``): another layout or other switches; the class
+  count and image size may differ (``architecture.refusal``, lenient)."""
+  problem = architecture.refusal(metadata, expected, where, fine_tune=True)
+  if problem:
+    raise InitError(problem)
 
 
 def adapt(pre: Pretrained, model, image_size, num_classes: int) -> dict:
@@ -179,8 +164,8 @@ def adapt(pre: Pretrained, model, image_size, num_classes: int) -> dict:
 def warm_start(state: Any, config, model, num_classes: int, shardings: Any):
   """A fresh train state whose model (and EMA) comes from ``config.init.path``."""
   init = config.init
-  pre = read(init.path, init.get('step') or None, init.get('use_ema', True))
-  check_compatible(pre.metadata, config, init.path)
+  pre = read(init.path, init.step or None, init.use_ema)
+  check_compatible(pre.metadata, checkpointing.make_metadata(config, num_classes, 0), init.path)
   variables = adapt(pre, model, config.data.image_size, num_classes)
   params = _put(variables['params'], state.params, shardings.params)
   batch_stats = _put(variables['batch_stats'], state.batch_stats, shardings.batch_stats)

@@ -21,9 +21,10 @@ BATCH_SPEC = P(AXES)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """The mesh from ``config`` = {'data': n, 'fsdp': m}; one -1 is filled from the device count."""
+  """The mesh from ``config`` = {'data': n, 'fsdp': m} (``config.mesh`` or a plain dict); one -1
+  is filled from the device count."""
   devices = devices if devices is not None else jax.devices()
-  sizes = [int(config.get(a, -1)) for a in AXES]
+  sizes = [int(config[a]) for a in AXES]
   if sizes.count(-1) > 1:
     raise ValueError(f'At most one mesh axis may be -1; got {dict(zip(AXES, sizes))}.')
   known = math.prod(s for s in sizes if s != -1)
@@ -55,8 +56,8 @@ def leaf_spec(path: str, shape, fsdp_size: int, min_size: int, rules=()) -> P:
 
 def tree_shardings(abstract_tree, mesh, config):
   """NamedShardings for every array of a (train-state) tree; ``config`` is ``config.sharding``."""
-  rules = [(r[0], tuple(r[1])) for r in config.get('rules', ())]
-  min_size = config.get('min_size', 2**18)
+  rules = [(r[0], tuple(r[1])) for r in config.rules]
+  min_size = config.min_size
   fsdp_size = mesh.shape['fsdp']
 
   def one(path, leaf):

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 
+from coatnet_jax import architecture
 from coatnet_jax import eval_metrics
 from coatnet_jax import input_pipeline
 from coatnet_jax import losses
@@ -50,8 +51,9 @@ def dtype_of(name: str):
 
 def build_model(config, num_classes: int):
   m = config.model
-  return models.get_model(m.name, num_classes, dtype=dtype_of(m.dtype),
-                          drop_path_rate=m.drop_path_rate, remat=m.remat, **dict(m.switches))
+  arch = architecture.of_model_config(m)  # The layout and switches, resolved.
+  return models.get_model(arch.variant, num_classes, dtype=dtype_of(m.dtype),
+                          drop_path_rate=m.drop_path_rate, remat=m.remat, options=arch.options)
 
 
 def total_steps(config, train_size: int) -> int:

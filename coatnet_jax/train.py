@@ -108,10 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def _lock(workdir: str, teardown: contextlib.ExitStack) -> None:
   """Takes the workdir's lock (process 0) until ``teardown``; a live holder is a user error."""
-  try:
-    lock = workdir_lock.acquire(workdir, jax.process_index())
-  except workdir_lock.WorkdirBusyError as e:
-    raise errors.UserError(str(e)) from e
+  lock = workdir_lock.acquire(workdir, jax.process_index())
   if lock is not None:
     teardown.callback(lock.release)
 
@@ -341,7 +338,7 @@ class _Run:
   def finish_save(self) -> None:
     """Waits for the save under way; a failure of it (disk full, ...) stops the run, one line."""
     try:
-      checkpointing.wait(self.manager)
+      checkpointing.wait(self.manager, self.config.checkpoint_timeout_s)
     except checkpointing.CheckpointError as e:
       raise self._save_failed('?' if self.saving is None else self.saving, e) from e
 

@@ -26,13 +26,14 @@ def parse_arg(arg, **defaults):
   return out
 
 
-def model_switches():
-  """Every field of ``models.Options`` with its default, declared there once, so that each can be
-  set with ``--config.model.switches.NAME=VALUE`` (a field added to Options appears here too)."""
-  hints = typing.get_type_hints(models.Options)
+def model_switches(options_class):
+  """Every field of ``options_class`` (``models.Options``) with its default, declared there once,
+  so that each can be set with ``--config.model.switches.NAME=VALUE`` (a field added to Options
+  appears here too)."""
+  hints = typing.get_type_hints(options_class)
   switches = ml_collections.ConfigDict()
-  for field in dataclasses.fields(models.Options):
-    default = getattr(models.Options(), field.name)
+  for field in dataclasses.fields(options_class):
+    default = getattr(options_class(), field.name)
     if default is None:  # Optional[X]: a typed reference, so that an override parses as X.
       kind = next((t for t in typing.get_args(hints[field.name]) if t is not type(None)), str)
       default = ml_collections.FieldReference(None, field_type=kind)
@@ -47,10 +48,14 @@ def get_base_config():
   c.num_classes = ml_collections.FieldReference(None, field_type=int)  # None: the dataset's.
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'coatnet_0'
+  c.model.name = 'coatnet_0'  # A layout of models.VARIANTS, or one of extra_variants.
+  # Layouts the table lacks, by name, as models.Variant fields (coatnet_jax/architecture.py), e.g.
+  # {'my_size': dict(stem_width=32, head_size=32, stages=((('C', 32, 1),), (('C', 64, 1),),
+  #                                                       (('T', 128, 2),), (('T', 256, 1),)))}.
+  c.model.extra_variants = ml_collections.ConfigDict()
   c.model.dtype = 'bfloat16'  # Compute dtype; parameters are float32.
   c.model.drop_path_rate = 0.0
-  c.model.switches = model_switches()  # Every models.Options field, with its default there.
+  c.model.switches = model_switches(models.Options)  # Every Options field, its default there.
   # Rematerialisation per block in the backward pass: 'none', 'block' (recompute each block from
   # its input) or 'dots' (keep matmul outputs only); less memory for more compute (README).
   c.model.remat = 'none'
@@ -105,8 +110,10 @@ def get_base_config():
   c.optim.clip_norm = 1.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
-  # Regexes on parameter paths that take no weight decay: norms, biases, relative-bias tables.
-  # The last two: timm's relative-position MLP and layer scales (timm decays neither).
+  c.optim.eps = 1e-8  # AdamW's epsilon (optax's default).
+  # Regexes on parameter paths that take no weight decay: norms, biases, relative-bias tables
+  # (paper's code; 'Traps' in the reference notes). The last two: timm's relative-position MLP
+  # and layer scales (timm decays neither).
   c.optim.no_decay = (r'(^|/)[^/]*_norm/(scale|bias)$', r'(^|/)bias$', r'(^|/)relative_bias$',
                       r'(^|/)rel_pos_mlp/', r'(^|/)(attn|ffn)_scale$')
 
@@ -146,6 +153,9 @@ def get_base_config():
   c.best_metric = ml_collections.FieldReference(None, field_type=str)  # None: top1 or prec@1.
   c.best_mode = 'max'
   c.async_checkpointing = True
+  # A save that neither finishes nor fails in this time stops the run as failed (Orbax can hang
+  # when a background write fails, seen with a full disk); raise it for very slow storage.
+  c.checkpoint_timeout_s = 600.0
   # Load a checkpoint of another architecture: only leaves whose path and shape match.
   c.allow_partial_load = False
   # Resume although fields that change what the run computes (batch, seed, optimizer, schedule,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
+from coatnet_jax import architecture
 from coatnet_jax import checkpointing
 from coatnet_jax import metrics
 
@@ -24,25 +25,25 @@ def _shardings(tree):
 
 
 def _save(workdir, step, state, meta, metrics=None, keep=3, best=None):
-  manager = checkpointing.make_manager(workdir, keep, best_metric=best)
+  manager = checkpointing.make_manager(workdir, keep, async_save=True, best_metric=best)
   checkpointing.save(manager, step, state, meta, metrics)
-  checkpointing.wait(manager)
+  checkpointing.wait(manager, 600.0)
   manager.close()
 
 
 def test_architecture_id_tracks_variant_switches_and_classes():
   c = quickstart.get_config()
-  a = checkpointing.architecture_id(c, 10)
-  assert a == checkpointing.architecture_id(quickstart.get_config(), 10)
-  assert a != checkpointing.architecture_id(c, 11)
+  a = architecture.architecture_id(c, 10)
+  assert a == architecture.architecture_id(quickstart.get_config(), 10)
+  assert a != architecture.architecture_id(c, 11)
   c.model.switches.bn_momentum = 0.99
-  assert a != checkpointing.architecture_id(c, 10)
+  assert a != architecture.architecture_id(c, 10)
   d = quickstart.get_config()
   d.model.name = 'coatnet_0'
-  assert a != checkpointing.architecture_id(d, 10)
+  assert a != architecture.architecture_id(d, 10)
   e = quickstart.get_config()
   e.model.switches.pool = 'max'  # The default, spelled out: the same model, the same id.
-  assert a == checkpointing.architecture_id(e, 10)
+  assert a == architecture.architecture_id(e, 10)
   meta = checkpointing.make_metadata(c, 10, 7)
   assert meta['data_position'] == 7 and meta['config']['model']['name'] == 'coatnet_pico'
 
@@ -81,12 +82,12 @@ def test_same_architecture_restores_exactly(tmp_path):
 
 def test_keeps_latest_n_and_the_best(tmp_path):
   workdir = str(tmp_path)
-  manager = checkpointing.make_manager(workdir, keep=2, best_metric='eval/top1')
+  manager = checkpointing.make_manager(workdir, keep=2, async_save=True, best_metric='eval/top1')
   top1 = {1: 0.1, 2: 0.9, 3: 0.2, 4: None, 5: 0.4, 6: None}
   for step, value in top1.items():
     metrics = None if value is None else {'eval/top1': value}
     checkpointing.save(manager, step, {'x': jnp.full((2,), step)}, _meta('a', step=step), metrics)
-  checkpointing.wait(manager)
+  checkpointing.wait(manager, 600.0)
   assert sorted(manager.all_steps()) == [2, 5, 6]
   manager.close()
 

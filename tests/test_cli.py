@@ -64,7 +64,7 @@ def test_every_switch_and_none_override_from_another_directory(tmp_path):
   assert again['data']['crop_fraction'] == 1.0 and again['model']['switches']['bn_momentum'] == 0.9
 
 
-def test_switches_follow_the_options_dataclass(monkeypatch):
+def test_switches_follow_the_options_dataclass():
   """A field another change adds to models.Options is declared with its default, typed even when
   the default is None."""
 
@@ -73,8 +73,7 @@ def test_switches_follow_the_options_dataclass(monkeypatch):
     norm_kind: typing.Optional[str] = None
     width_mult: float = 1.0
 
-  monkeypatch.setattr(models, 'Options', Options)
-  switches = common.model_switches()
+  switches = common.model_switches(Options)
   assert switches.width_mult == 1.0 and switches.norm_kind is None
   switches.norm_kind = 'rms'  # The reference is typed str: an override parses as one.
   with pytest.raises(TypeError):

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from coatnet_jax import input_pipeline
+from coatnet_jax.data import DataNotFoundError
 from coatnet_jax.data import imagenet21k
 import hostile_files
 
@@ -151,7 +152,7 @@ def test_held_out_rule_is_fixed_and_about_point_eight_percent():
 
 def test_missing_release_is_one_line(tmp_path):
   for d in (str(tmp_path / 'nope'), str(tmp_path)):
-    with pytest.raises(input_pipeline.DataNotFoundError) as e:
+    with pytest.raises(DataNotFoundError) as e:
       imagenet21k.Release(d)
     assert '\n' not in str(e.value) and d in str(e.value) and 'coatnet_jax.data.imagenet21k' in str(
         e.value)

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from configs import common
 from coatnet_jax import input_pipeline
+from coatnet_jax.data import DataNotFoundError
 from coatnet_jax.data import folders
 from coatnet_jax.data import tfrecords
 import hostile_files
@@ -133,12 +134,12 @@ def test_folders_eval_is_exact(folder_root, processes, crop):
 
 def test_missing_or_empty_data_is_one_line(tmp_path):
   for root in (str(tmp_path / 'nope'), str(tmp_path)):
-    with pytest.raises(input_pipeline.DataNotFoundError) as e:
+    with pytest.raises(DataNotFoundError) as e:
       input_pipeline.get_info(_folder_config(root))
     assert '\n' not in str(e.value) and root in str(e.value)
   c = _data_config(name='tfrecords', data_dir=str(tmp_path), train_split='train-*',
                    eval_split='val-*', num_classes=5)
-  with pytest.raises(input_pipeline.DataNotFoundError, match='train-'):
+  with pytest.raises(DataNotFoundError, match='train-'):
     input_pipeline.get_info(c)
 
 
@@ -213,7 +214,7 @@ def test_flat_folders_splits_are_stable_as_files_change(flat_root, tmp_path):
 
 
 def test_flat_folders_unknown_split_is_one_line(flat_root):
-  with pytest.raises(input_pipeline.DataNotFoundError) as e:
+  with pytest.raises(DataNotFoundError) as e:
     input_pipeline.get_info(_folder_config(str(flat_root[0]), eval_split='validation'))
   assert '\n' not in str(e.value) and "'validation'" in str(e.value)
   assert 'train, val, test' in str(e.value)

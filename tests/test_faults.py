@@ -1,8 +1,8 @@
 """Issue 5: a run is never lost. Each fault is injected into the real main, in subprocesses.
 
-The model is the tiny ``test_tiny`` variant (registered by tests/fault_main.py) on the quickstart
-data and batch (digits, batch 64, 32x32), whose batches are a pure function of (seed, step), so a
-resumed run must end bitwise equal to an uninterrupted one on the same device count.
+The model is the tiny ``test_tiny`` layout (written out by tests/tiny_quickstart.py) on the
+quickstart data and batch (digits, batch 64, 32x32), whose batches are a pure function of (seed,
+step), so a resumed run must end bitwise equal to an uninterrupted one on the same device count.
 """
 
 import json
@@ -23,8 +23,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, 'tests', 'fault_main.py')
-TINY = ['--config', 'configs/quickstart.py:smoke', '--config.model.name=test_tiny',
-        '--config.log_every_steps=1', '--config.tensorboard=False']
+TINY = ['--config', 'tests/tiny_quickstart.py:smoke', '--config.log_every_steps=1',
+        '--config.tensorboard=False']
 STEPS = 30
 REF_ARGS = ['--config.checkpoint_every_steps=4', '--config.keep_checkpoints=4']
 
@@ -248,9 +248,9 @@ def test_disk_full_during_save_stops_clearly_and_keeps_previous(tmp_path, cache)
   try:
     workdir = os.path.join(mnt, 'run')
     proc = _start(workdir, 100_000, ['--config.checkpoint_every_steps=3',
-                                     '--config.log_every_steps=100000'],
-                  cache_dir=cache, log=str(tmp_path / 'log'),
-                  env_extra={'COATNET_TEST_SAVE_TIMEOUT_S': '30'})
+                                     '--config.log_every_steps=100000',
+                                     '--config.checkpoint_timeout_s=30'],
+                  cache_dir=cache, log=str(tmp_path / 'log'))
     marker = os.path.join(workdir, 'checkpoints', '3', 'commit_success.txt')
     _wait_for(lambda: os.path.exists(marker), proc)
     before = _tree_snapshot(os.path.join(workdir, 'checkpoints', '3'))

@@ -198,10 +198,12 @@ def test_import_timm_writes_a_checkpoint_that_init_accepts(tmp_path):
     np.testing.assert_array_equal(got[k], want[k])
 
   # A fine-tune config accepts it with :timm, and names :timm when it is left out.
-  pretrained.check_compatible(pre.metadata, finetune.get_config(
-      f'init={out},timm,variant=coatnet_0'), out)
+  def expected(arg):
+    return checkpointing.make_metadata(finetune.get_config(arg), pre.num_classes, 0)
+
+  pretrained.check_compatible(pre.metadata, expected(f'init={out},timm,variant=coatnet_0'), out)
   with pytest.raises(pretrained.InitError, match=':timm'):
-    pretrained.check_compatible(pre.metadata, finetune.get_config(f'init={out}'), out)
+    pretrained.check_compatible(pre.metadata, expected(f'init={out}'), out)
 
   again = _run(['coatnet_jax.tools.import_timm', '--model', 'coatnet_0_224', '--weights',
                 weights, '--out', out], check=False)

@@ -22,7 +22,8 @@ import pytest
 from coatnet_jax import models
 from coatnet_jax.models import blocks
 from coatnet_jax.models.blocks import (DropPath, MBConvBlock, Options, RelativeAttention,
-                                       TransformerBlock, relative_index)
+                                       TransformerBlock)
+from coatnet_jax.models.relpos import relative_index
 from coatnet_jax.models.coatnet import drop_path_rates
 from coatnet_jax.models.resize import resize_table, resize_variables
 

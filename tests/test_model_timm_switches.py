@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from configs import common
-from coatnet_jax import checkpointing
+from coatnet_jax import architecture
 from coatnet_jax import models
 from coatnet_jax.models import relpos
 
@@ -34,9 +34,9 @@ def test_earlier_checkpoints_keep_their_architecture_id():
     c = common.get_base_config()
     c.model.name = name
     c.model.switches.update(switches)
-    assert checkpointing.architecture_id(c, 10) == _v1_id(name, switches, 10)
+    assert architecture.architecture_id(c, 10) == _v1_id(name, switches, 10)
   c.model.switches.rel_pos = 'mlp'  # a new switch away from its default names another model
-  assert checkpointing.architecture_id(c, 10) != _v1_id('coatnet_2', switches, 10)
+  assert architecture.architecture_id(c, 10) != _v1_id('coatnet_2', switches, 10)
 
 
 def test_rel_pos_mlp_matches_a_brute_force_loop():

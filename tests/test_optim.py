@@ -4,19 +4,20 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from configs import common
 from coatnet_jax import models, optim
 
 
 def _cfg(**kw):
-  base = dict(lr=1e-3, min_lr=1e-5, schedule='cosine', warmup_steps=100, warmup_epochs=0.0,
-              weight_decay=0.05, clip_norm=1.0)
-  base.update(kw)
-  return ml_collections.ConfigDict(base)
+  c = common.get_base_config().optim
+  c.update(dict(lr=1e-3, min_lr=1e-5, schedule='cosine', warmup_steps=100, warmup_epochs=0.0,
+                weight_decay=0.05, clip_norm=1.0))
+  c.update(kw)
+  return c
 
 
 def test_warmup_then_cosine_matches_formula():
@@ -52,7 +53,7 @@ def _pico_params():
 
 def test_weight_decay_mask_on_real_model():
   params = _pico_params()
-  mask = optim.weight_decay_mask(params)
+  mask = optim.weight_decay_mask(params, common.get_base_config().optim.no_decay)
   names = {optim.path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
   for path, decayed in names.items():
     leaf = path.split('/')[-1]

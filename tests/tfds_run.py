@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from configs import common
 from coatnet_jax import input_pipeline
+from coatnet_jax.data import DataNotFoundError
 
 
 class TinyJpegs(tfds.core.GeneratorBasedBuilder):
@@ -94,7 +95,7 @@ def main(data_dir):
   try:
     input_pipeline.get_info(ml_collections.ConfigDict(dict(c, data_dir=array_dir)))
     raise AssertionError('array_record data was accepted')
-  except input_pipeline.DataNotFoundError as e:
+  except DataNotFoundError as e:
     assert '\n' not in str(e) and '--file_format=tfrecord' in str(e) and 'array_record' in str(e), e
 
   # The decode path on TFDS's mocked ImageNet (random JPEGs with the real feature spec).

@@ -15,18 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from configs import quickstart
-from coatnet_jax import checkpointing, input_pipeline, models, optim, sharding, steps, train
-
-# Every block kind, as small as it gets: a few seconds to compile.
-models.VARIANTS['test_tiny'] = models.Variant(
-    stem_width=8, stages=((('C', 8, 1),), (('C', 16, 1),), (('T', 16, 1),), (('T', 16, 1),)),
-    head_size=8)
+from coatnet_jax import checkpointing, input_pipeline, optim, sharding, steps, train
+import tiny_quickstart  # pylint: disable=g-bad-import-order  (tests/, this script's directory)
 
 
 def tiny_config(mesh):
-  c = quickstart.get_config()
-  c.model.name = 'test_tiny'
+  c = tiny_quickstart.get_config()
   c.model.drop_path_rate = 0.1
   c.batch_size = 32
   c.accum_steps = 2

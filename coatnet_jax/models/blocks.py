@@ -238,23 +238,13 @@ class MBConvBlock(nn.Module):
     return shortcut + DropPath(self.drop_path)(y, train)
 
 
-def relative_index(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """Row and column indices into a (2H-1, 2W-1) table for every (query, key) pair, row-major.
-
-  Query (i, j) and key (i', j') read entry (i - i' + H - 1, j - j' + W - 1).
-  """
-  i, j = np.meshgrid(np.arange(height), np.arange(width), indexing='ij')
-  i, j = i.reshape(-1), j.reshape(-1)
-  return i[:, None] - i[None, :] + height - 1, j[:, None] - j[None, :] + width - 1
-
-
 def relative_bias(table, height: int, width: int):
   """The (heads, N, N) float32 pre-softmax bias of an H x W map from its (heads, 2H-1, 2W-1) table.
 
   One gather per call through a precomputed flat index (a constant of the shape), so the
   backward pass is one scatter-add into the small table.
   """
-  rows, cols = relative_index(height, width)
+  rows, cols = relpos.relative_index(height, width)
   flat = jnp.asarray(rows * (2 * width - 1) + cols, jnp.int32)
   n = height * width
   return jnp.take(table.reshape(table.shape[0], -1), flat.reshape(-1), axis=1).reshape(-1, n, n)

@@ -31,6 +31,30 @@ class Variant:
     return self.stages[-1][-1][1]
 
 
+def variant_from_data(fields) -> Variant:
+  """A layout written as data (a config's ``model.extra_variants`` entry, or its JSON in a
+  checkpoint, where tuples come back as lists); ``ValueError`` says what is malformed."""
+  fields = dict(fields)
+  known = {f.name for f in dataclasses.fields(Variant)}
+  unknown = sorted(set(fields) - known)
+  missing = sorted({'stem_width', 'stages', 'head_size'} - set(fields))
+  if unknown or missing:
+    raise ValueError(f'a layout has the fields {sorted(known)} ({", ".join(missing)} required)'
+                     + (f'; unknown: {unknown}' if unknown else '') + '.')
+  try:
+    fields['stages'] = tuple(tuple((str(t), int(w), int(d)) for t, w, d in stage)
+                             for stage in fields['stages'])
+  except (TypeError, ValueError):
+    raise ValueError(f'stages={fields["stages"]!r}: give a tuple of stages, each a tuple of '
+                     f'(block type, width, depth) segments.') from None
+  segments = [seg for stage in fields['stages'] for seg in stage]
+  if (not all(fields['stages']) or
+      any(t not in ('C', 'T') or w < 1 or d < 1 for t, w, d in segments)):
+    raise ValueError(f'stages={fields["stages"]!r}: every stage needs a segment, every segment a '
+                     f"block type 'C' or 'T' and a width and depth of at least 1.")
+  return Variant(**fields)
+
+
 def _cctt(stem, depths, widths, head_size, stem_hidden=None):
   """The plain C-C-T-T layout: one segment per stage."""
   types = ('C', 'C', 'T', 'T')

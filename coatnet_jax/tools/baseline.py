@@ -98,7 +98,7 @@ def features(init, image_size, images, batch=64):
   pre = pretrained.read(init)
   model = steps.build_model(pre.config, pre.num_classes)
   variables = pretrained.adapt(pre, model, image_size, pre.num_classes)
-  pre_logits = pre.config.model.get('switches', {}).get('head_pre_logits', True)
+  pre_logits = model.options.head_pre_logits
   layer = 'pre_logits' if pre_logits else 'head_norm'
 
   @jax.jit

@@ -11,16 +11,15 @@ the same logits (tests/test_timm_parity.py); the command prints N and S (the siz
 tables were made for: the run's image size).
 """
 
-import dataclasses
 import os
 
 from coatnet_jax import cli  # pylint: disable=g-bad-import-order  (first: quiet start-up)
 from absl import flags
 from absl import logging
 
+from coatnet_jax import architecture
 from coatnet_jax import convert
 from coatnet_jax import errors
-from coatnet_jax import models
 from coatnet_jax import pretrained
 
 FLAGS = flags.FLAGS
@@ -36,12 +35,6 @@ def _define_flags():
   flags.mark_flags_as_required(['workdir', 'model', 'out'])
 
 
-def _switches(saved: dict) -> dict:
-  out = dataclasses.asdict(dataclasses.replace(models.Options(), **saved))
-  del out['bn_momentum']  # Changes training only.
-  return out
-
-
 def export_timm(workdir: str, model_name: str, out: str, use_ema: bool = True) -> dict:
   """Converts and writes ``out``; returns what ``timm.create_model`` needs besides the name."""
   if model_name not in convert.TIMM_MODELS:
@@ -53,11 +46,9 @@ def export_timm(workdir: str, model_name: str, out: str, use_ema: bool = True) -
     raise ValueError(f'{out} exists; give a new --out file.')
   spec = convert.TIMM_MODELS[model_name]
   pre = pretrained.read(workdir, use_ema=use_ema)
-  saved = pre.config.get('model') or {}
-  want = _switches(dataclasses.asdict(spec.options))
-  have = _switches(dict(saved.get('switches') or {}))
-  if pre.metadata.get('model') != spec.variant or have != want:
-    diff = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+  have = architecture.of_metadata(pre.metadata)
+  diff = architecture.switch_differences(have.options, spec.options)
+  if have.name != spec.variant or diff:
     raise ValueError(f'{workdir} holds {pre.metadata.get("model")!r}, timm\'s {model_name} is '
                      f'{spec.variant!r}' + (f'; switches differ (saved, timm): {diff}' if diff
                                             else '') + '.')
