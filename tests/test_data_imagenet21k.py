@@ -118,10 +118,7 @@ def test_builder_both_layouts(tmp_path, layout):
     assert json.load(f)['converted'] == 2
   # And the training pipeline reads it by name.
   c = common.get_base_config().data
-  c.update(dict(
-      name='tiny_in21k', data_dir=data_dir, train_split='train', eval_split='validation',
-      image_size=32, crop_fraction=0.875, shuffle_buffer=4,
-      randaugment={'num_layers': 0, 'magnitude': 0}))
+  c.update(dict(name='tiny_in21k', data_dir=data_dir, image_size=32, shuffle_buffer=4))
   info = input_pipeline.get_info(c)
   assert (info.num_classes, info.train_size, info.eval_size) == (3, len(train), len(val))
   assert next(input_pipeline.train_iterator(c, 2, seed=0))['image'].shape == (2, 32, 32, 3)
