@@ -23,9 +23,9 @@ from coatnet_jax import models
 from coatnet_jax import optim
 from coatnet_jax import sharding
 
-# ImageNet statistics in 0..255 pixel units; the digits use them too, so one code path serves all.
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# ImageNet statistics in 0..255 pixel units, declared once beside the model (whose 'half' input
+# norm undoes them for timm's weights); the digits use them too, so one code path serves all.
+MEAN_RGB, STDDEV_RGB = models.coatnet.IMAGENET_MEAN_RGB, models.coatnet.IMAGENET_STDDEV_RGB
 
 
 def normalize(images, dtype=jnp.float32):
