@@ -9,6 +9,7 @@ with it, the first time it needs data, so that ``label_spec`` and ``eval_protoco
 step and export paths without it.
 """
 
+import abc
 from typing import Protocol
 
 from absl import logging
@@ -47,15 +48,16 @@ class Reader(Protocol):
     """A record's raw label -> the tensor ``TFSource.label_spec`` describes."""
 
 
-class TFSource:
+class TFSource(abc.ABC):
   """``source.DataSource`` for a TF reader; subclasses name the reader in ``_open``."""
 
   def __init__(self, config):
     self.config = config
     self._reader = None
 
+  @abc.abstractmethod
   def _open(self) -> Reader:
-    raise NotImplementedError
+    """This source's record reader (its module imports TensorFlow, hence opened on first use)."""
 
   @property
   def reader(self) -> Reader:
